@@ -1,0 +1,5 @@
+import sys
+
+from synthgen.cli import main
+
+sys.exit(main())

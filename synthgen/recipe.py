@@ -1,0 +1,300 @@
+"""Dataset recipes: a YAML file that says what to generate, validated with pydantic.
+
+A recipe is ``name``, ``seed``, ``count`` and three sections: ``prompts`` (which sampler and its
+settings), ``generator`` (which diffusers pipeline and how to run it) and ``output`` (how images are
+stored). Unknown keys, wrong types and impossible values are rejected with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from synthgen.errors import RecipeError
+from synthgen.paths import RECIPES_DIR
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------------------
+class WordNetPrompts(_Strict):
+    """ImageNet-SD prompts (Sariyildiz et al.): class name, hypernym, definition, background."""
+
+    kind: Literal["wordnet"] = "wordnet"
+    # A class table shipped in prompts/ (``imagenet1k``, ``imagenet100``, ``cifar10``), a path to a
+    # class-table TSV, or a path to a text file of WordNet ids (a table is then built from WordNet).
+    classes: str = "imagenet1k"
+    # Templates use {c} (class name), {h} (hypernym), {d} (definition), {b} (background scene).
+    # Each image's template is drawn from this list, reproducibly from the seed and its index.
+    templates: list[str] = Field(default_factory=lambda: ["{c}, {h} inside {b}"], min_length=1)
+    # Backgrounds b: a list shipped in prompts/ (``places365``) or a path to a text file.
+    backgrounds: str = "places365"
+
+    @field_validator("templates")
+    @classmethod
+    def _known_fields(cls, templates: list[str]) -> list[str]:
+        import string
+
+        for template in templates:
+            for _, field, _, _ in string.Formatter().parse(template):
+                if field is not None and field not in {"c", "h", "d", "b"}:
+                    raise ValueError(
+                        f"template {template!r} uses {{{field}}}; allowed fields are {{c}} {{h}} {{d}} {{b}}"
+                    )
+        return templates
+
+
+class CaptionPrompts(_Strict):
+    """StableRep prompts: real captions, ``images_per_caption`` images each sharing a group id."""
+
+    kind: Literal["captions"] = "captions"
+    # A local TSV/CSV/TXT/parquet file, or ``hf://datasets/ORG/NAME`` (a Hub dataset).
+    source: str
+    column: Optional[str] = None  # caption column for CSV/parquet/Hub; first column of a TSV
+    split: str = "train"  # for Hub datasets
+    revision: Optional[str] = None  # for Hub datasets
+    images_per_caption: int = Field(10, ge=1)
+    dedup: bool = True
+    min_words: int = Field(1, ge=0)
+    max_words: Optional[int] = Field(None, ge=1)
+    shuffle: bool = False  # shuffle caption order (reproducibly, from the recipe seed)
+
+
+class CombinatorialPrompts(_Strict):
+    """Mormille & Atsumi prompts: one value from each named axis, e.g. category, size, color, view."""
+
+    kind: Literal["combinatorial"] = "combinatorial"
+    vocabulary: str = "combinatorial"  # a vocabulary shipped in prompts/ or a path to a YAML file
+    separator: str = ", "
+    # Axis whose value is the image's label (a ClassLabel column), or null for no labels.
+    label_axis: Optional[str] = "category"
+
+
+PromptsConfig = Annotated[
+    Union[WordNetPrompts, CaptionPrompts, CombinatorialPrompts], Field(discriminator="kind")
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# generator
+# --------------------------------------------------------------------------------------------------
+SCHEDULERS = (
+    "ddim",
+    "pndm",
+    "ddpm",
+    "euler",
+    "euler_ancestral",
+    "dpm_solver_multistep",
+    "dpm_solver_singlestep",
+    "unipc",
+    "lms",
+    "heun",
+)
+
+
+class GeneratorConfig(_Strict):
+    """How images are generated: which pipeline, which scheduler, how many steps, which guidance."""
+
+    # A Hub id (``stabilityai/stable-diffusion-2``), a local folder, or ``builtin:tiny-sd`` (a tiny
+    # random-weight pipeline synthgen builds from configs: for demos and tests, never for quality).
+    model: str
+    revision: Optional[str] = None
+    scheduler: Optional[str] = "ddim"  # null keeps the pipeline's own scheduler
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    negative_prompt: Optional[str] = None
+    height: int = Field(512, ge=8, le=4096)
+    width: int = Field(512, ge=8, le=4096)
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"  # auto: fp16 on CUDA, else fp32
+    batch_size: int = Field(8, ge=1, le=4096)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    max_retries: int = Field(3, ge=0, le=100)  # regenerations of black / non-finite images
+    attention_slicing: bool = False
+    compile: bool = False  # torch.compile the UNet (GPU speed-up)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: Optional[str]) -> Optional[str]:
+        if name is not None and name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        return name
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------------
+class OutputConfig(_Strict):
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
+    images_per_shard: int = Field(1000, ge=1)
+    image_size: Optional[int] = Field(None, ge=1)  # stored size (square); null keeps generated size
+    resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bicubic"
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+
+# --------------------------------------------------------------------------------------------------
+# recipe
+# --------------------------------------------------------------------------------------------------
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    seed: int = Field(0, ge=0, lt=2**63)
+    count: int = Field(gt=0)  # images to generate
+    prompts: PromptsConfig
+    generator: GeneratorConfig
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe as plain data, every default filled in (what the manifest stores)."""
+        return self.model_dump(mode="json")
+
+    def recipe_hash(self) -> str:
+        """Hash of everything that decides the dataset's content; a changed hash means a new dataset."""
+        return _hash(self.resolved())
+
+    def generation_settings(self) -> dict[str, Any]:
+        """The settings that decide an image's pixels besides its prompt and seed."""
+        gen = self.generator
+        out = self.output
+        return {
+            "model": gen.model,
+            "revision": gen.revision,
+            "scheduler": gen.scheduler,
+            "steps": gen.steps,
+            "guidance_scale": gen.guidance_scale,
+            "negative_prompt": gen.negative_prompt,
+            "height": gen.height,
+            "width": gen.width,
+            "dtype": gen.dtype,
+            "image_size": out.image_size,
+            "resize_filter": out.resize_filter,
+            "image_format": out.image_format,
+            "jpeg_quality": out.jpeg_quality if out.image_format != "png" else None,
+        }
+
+    def settings_hash(self) -> str:
+        return _hash(self.generation_settings())[:16]
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe name (``demo``) resolves to ``recipes/demo.yaml``; anything else is a path."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        return path
+    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise RecipeError(
+        f"unknown recipe {str(name_or_path)!r}: not a file, and not one of {', '.join(list_recipes())}"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``generator.guidance_scale=2`` -> (["generator", "guidance_scale"], 2); values are YAML."""
+    if "=" not in text:
+        raise RecipeError(f"--set expects KEY=VALUE (e.g. generator.guidance_scale=2), got {text!r}")
+    key, value = text.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise RecipeError(f"--set: bad key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return keys, parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {'.'.join(keys)}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(
+    name_or_path: str | Path, overrides: list[str] | None = None, limit: int | None = None
+) -> Recipe:
+    """Read, override and validate a recipe. ``limit`` caps ``count`` (a quick partial build)."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (name, count, prompts, generator, ...)")
+    data = apply_overrides(data, overrides or [])
+    if limit is not None:
+        if limit <= 0:
+            raise RecipeError(f"--limit must be positive, got {limit}")
+        if isinstance(data.get("count"), int):
+            data["count"] = min(data["count"], limit)
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line naming the key of each problem: ``generator.steps: must be >= 1 (got -3)``."""
+    parts = []
+    for err in exc.errors():
+        # Drop the discriminator tag pydantic puts in the path (prompts.wordnet.classes -> prompts.classes)
+        loc = [str(p) for p in err["loc"] if p not in {"wordnet", "captions", "combinatorial"}]
+        key = ".".join(loc) or "recipe"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "missing required key"
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            if "input" in err and kind not in {"union_tag_invalid", "model_type"}:
+                msg += f" (got {err['input']!r})"
+        parts.append(f"{key}: {msg}")
+    return "; ".join(parts)
