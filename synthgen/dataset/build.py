@@ -25,7 +25,6 @@ from synthgen.dataset.plan import ShardPlan, ShardSpec
 from synthgen.dataset.schema import dataset_features
 from synthgen.dataset.writer import STATE_DIR, ShardRow, ShardWriter, atomic_write_text
 from synthgen.errors import OutputFolderError, SynthgenError
-from synthgen.prompts import build_sampler
 from synthgen.prompts.base import PromptSampler
 from synthgen.recipe import Recipe
 
@@ -108,6 +107,8 @@ def _inspect_folder(folder: Path, recipe: Recipe, overwrite: bool) -> str:
 
 def plan_build(recipe: Recipe, out: str | Path, overwrite: bool = False) -> BuildPlan:
     """Everything a build decides before it touches the disk: raises on any bad input."""
+    from synthgen.prompts import build_sampler
+
     folder = Path(out)
     sampler = build_sampler(recipe)
     if len(sampler) != recipe.count:

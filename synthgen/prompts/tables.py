@@ -69,6 +69,25 @@ class ClassInfo:
 
 
 # --------------------------------------------------------------------------------------------------
+# finding data files
+# --------------------------------------------------------------------------------------------------
+def resolve_data_file(value: str, what: str, suffixes: Sequence[str] = ()) -> Path:
+    """A file named in a recipe: a path (relative ones against the current folder first, then
+    ``prompts/``) or the name of a file shipped in ``prompts/`` without its suffix (``places365``).
+    """
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PROMPTS_DIR / path]
+    if not path.is_absolute() and not path.suffix:
+        candidates += [PROMPTS_DIR / f"{value}{suffix}" for suffix in suffixes]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shipped = sorted({p.stem for s in suffixes for p in PROMPTS_DIR.glob(f"*{s}")})
+    hint = f" (shipped: {', '.join(shipped)})" if shipped else ""
+    raise SynthgenError(f"{what} not found: {value!r} is neither a file nor a name shipped in {PROMPTS_DIR}{hint}")
+
+
+# --------------------------------------------------------------------------------------------------
 # class tables
 # --------------------------------------------------------------------------------------------------
 def _parse_synset_line(line: str) -> tuple[list[str], list[tuple[str, str, str]], str]:
@@ -346,8 +365,15 @@ ILLUMINATIONS = [
 
 
 def title_case(text: str) -> str:
-    """Capitalise each word's first letter, keeping the rest: ``jack-o'-lantern`` -> ``Jack-O'-Lantern``."""
-    return re.sub(r"(^|[\s\-(])([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+    """Capitalise each lower-case word: ``jack-o'-lantern`` -> ``Jack-O'-Lantern``; ``iPod`` stays."""
+
+    def word(match: re.Match) -> str:
+        w = match.group(0)
+        if any(ch.isupper() for ch in w):
+            return w
+        return re.sub(r"[a-z]", lambda m: m.group(0).upper(), w, count=1)
+
+    return re.sub(r"[^\s\-]+", word, text)
 
 
 def combinatorial_vocabulary(categories: Sequence[str]) -> str:

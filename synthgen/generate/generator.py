@@ -1,0 +1,246 @@
+"""Turn prompt records into images, reproducibly, and never store a black or broken image.
+
+Seeds. Image ``i`` of a recipe with seed ``s`` is generated from its own ``torch.Generator`` seeded
+with ``image_seed(s, i, attempt)``; the pipeline receives one generator per image, so an image's
+initial noise (and the per-step noise of ancestral schedulers) depends only on its own seed, not on
+its neighbours in the batch or on the batch size. Generators live on the CPU on every device
+(diffusers draws the noise on the CPU and moves it), so the starting noise of a seed is the same on
+CPU, CUDA and MPS; the denoised pixels still depend on the device's arithmetic.
+
+Rejection rule. An image (the pipeline's float output in [0, 1], before uint8 conversion) is
+rejected when
+
+* any value is non-finite (NaN or inf: e.g. a float16 overflow), or
+* it is black: its brightest value is at most 1/255, i.e. every channel of every pixel would be
+  stored as 0 or 1 -- what the Stable Diffusion safety checker returns, and what a NaN-collapsed VAE
+  decode gives, or
+* the pipeline flags it in ``nsfw_content_detected`` (the safety checker blacked it out).
+
+A rejected image is regenerated with the next attempt's seed ``image_seed(s, i, attempt + 1)`` --
+the seed actually used is the one recorded -- up to ``cfg.max_retries`` times; an image still
+rejected after that raises :class:`SynthgenError` naming its index.
+
+Regeneration. A stored row's ``(prompt, seed)`` plus the recipe's generation settings reproduce its
+pixels: :meth:`ImageGenerator.generate_one` runs exactly the same call for one image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from synthgen.errors import SynthgenError
+from synthgen.generate.pipeline import LoadedPipeline
+from synthgen.generate.seeds import image_seed
+from synthgen.prompts.base import PromptRecord
+from synthgen.recipe import GeneratorConfig, OutputConfig
+
+logger = logging.getLogger(__name__)
+
+#: an image whose maximum value is at or below this (in [0, 1]) is black (see the module doc)
+BLACK_MAX = 1.0 / 255.0
+#: generators are created on this device whatever the pipeline's device (see the module doc)
+GENERATOR_DEVICE = "cpu"
+
+RESIZE_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass
+class GeneratedImage:
+    index: int  # the image's global index (PromptRecord.index)
+    image: Image.Image  # RGB, at the stored size
+    seed: int  # the seed that produced ``image`` (image_seed(recipe_seed, index, retries))
+    retries: int = 0  # regenerations needed (0: the first attempt was kept)
+    rejected_reasons: list[str] = field(default_factory=list)  # why each rejected attempt failed
+    prompt: Optional[str] = None
+
+
+@dataclass
+class GenerationStats:
+    """Counters for the build manifest."""
+
+    images: int = 0  # images returned
+    attempts: int = 0  # images the pipeline produced (kept + rejected)
+    retried_images: int = 0  # images that needed at least one regeneration
+    retries: int = 0  # regenerations in total
+    rejected: Counter = field(default_factory=Counter)  # reason -> count
+    failed: int = 0  # images still rejected after max_retries (the build stops)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "attempts": self.attempts,
+            "retried_images": self.retried_images,
+            "retries": self.retries,
+            "rejected": dict(sorted(self.rejected.items())),
+            "failed": self.failed,
+        }
+
+
+def rejection_reason(array: np.ndarray, nsfw: bool = False) -> Optional[str]:
+    """Why a float image (H, W, C in [0, 1]) must not be stored, or None if it is fine."""
+    if not np.isfinite(array).all():
+        return "non-finite values"
+    if nsfw:
+        return "flagged by safety checker"
+    if array.size == 0 or float(array.max()) <= BLACK_MAX:
+        return "black image"
+    return None
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    """Float [0, 1] (H, W, C) -> RGB PIL image, rounding like diffusers' ``numpy_to_pil``."""
+    arr = np.clip(np.asarray(array, dtype=np.float32), 0.0, 1.0)
+    arr = (arr * 255).round().astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return Image.fromarray(arr).convert("RGB")
+
+
+def resize_to_stored(image: Image.Image, output: OutputConfig) -> Image.Image:
+    """Resize to ``output.image_size`` (square) with ``output.resize_filter`` when it differs."""
+    size = output.image_size
+    if size is None or image.size == (size, size):
+        return image
+    return image.resize((size, size), RESIZE_FILTERS[output.resize_filter])
+
+
+class ImageGenerator:
+    """Generates the images of prompt records with a loaded pipeline and a recipe's settings."""
+
+    def __init__(
+        self, loaded: LoadedPipeline, cfg: GeneratorConfig, output: OutputConfig, recipe_seed: int
+    ) -> None:
+        self.loaded = loaded
+        self.pipe = loaded.pipe
+        self.cfg = cfg
+        self.output = output
+        self.recipe_seed = int(recipe_seed)
+        self.stats = GenerationStats()
+
+    # ---------------------------------------------------------------------------------------- core
+    def _generators(self, seeds: Sequence[int]) -> list:
+        import torch
+
+        return [torch.Generator(device=GENERATOR_DEVICE).manual_seed(int(s)) for s in seeds]
+
+    def run_pipeline(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[np.ndarray, list[bool]]:
+        """One pipeline call: float images (N, H, W, C) and the per-image safety-checker flags."""
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        cfg = self.cfg
+        kwargs: dict[str, Any] = dict(
+            prompt=list(prompts),
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            height=cfg.height,
+            width=cfg.width,
+            num_images_per_prompt=1,
+            generator=self._generators(seeds),
+            output_type="np",
+        )
+        if cfg.negative_prompt is not None:
+            kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
+        out = self.pipe(**kwargs)
+        images = getattr(out, "images", None)
+        if images is None:
+            images = out[0]
+        if isinstance(images, (list, tuple)):
+            images = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / 255.0
+        nsfw = getattr(out, "nsfw_content_detected", None)
+        flags = [bool(f) for f in nsfw] if nsfw is not None else [False] * len(prompts)
+        if len(images) != len(prompts) or len(flags) != len(prompts):
+            raise RuntimeError(f"pipeline returned {len(images)} images for {len(prompts)} prompts")
+        return images, flags
+
+    def _finish(self, array: np.ndarray) -> Image.Image:
+        return resize_to_stored(to_pil(array), self.output)
+
+    # ---------------------------------------------------------------------------------------- API
+    def generate(self, records: Sequence[PromptRecord]) -> list[GeneratedImage]:
+        """Images for ``records`` (same order), in chunks of ``cfg.batch_size``, retrying rejects."""
+        for rec in records:
+            if rec.prompt is None:
+                raise SynthgenError(
+                    f"image {rec.index} has no text prompt (class-conditioned records need a "
+                    "class-conditioned generator)"
+                )
+        results: list[GeneratedImage] = []
+        bs = self.cfg.batch_size
+        for start in range(0, len(records), bs):
+            results.extend(self._generate_chunk(records[start : start + bs]))
+        return results
+
+    def _generate_chunk(self, records: Sequence[PromptRecord]) -> list[GeneratedImage]:
+        done: dict[int, GeneratedImage] = {}
+        reasons: dict[int, list[str]] = {i: [] for i in range(len(records))}
+        pending = list(range(len(records)))  # positions in ``records`` still to (re)generate
+        attempt = 0
+        while pending:
+            seeds = [image_seed(self.recipe_seed, records[p].index, attempt) for p in pending]
+            arrays, flags = self.run_pipeline([records[p].prompt for p in pending], seeds)
+            self.stats.attempts += len(pending)
+            still = []
+            for p, seed, array, flag in zip(pending, seeds, arrays, flags):
+                reason = rejection_reason(array, flag)
+                if reason is None:
+                    done[p] = GeneratedImage(
+                        index=records[p].index,
+                        image=self._finish(array),
+                        seed=seed,
+                        retries=attempt,
+                        rejected_reasons=reasons[p],
+                        prompt=records[p].prompt,
+                    )
+                    continue
+                self.stats.rejected[reason] += 1
+                reasons[p].append(f"attempt {attempt} (seed {seed}): {reason}")
+                logger.info("image %d rejected (%s), seed %d", records[p].index, reason, seed)
+                still.append(p)
+            if still and attempt >= self.cfg.max_retries:
+                self.stats.failed += len(still)
+                worst = records[still[0]]
+                more = f" (and {len(still) - 1} more)" if len(still) > 1 else ""
+                raise SynthgenError(
+                    f"image {worst.index}{more} still rejected after {attempt + 1} attempt(s) "
+                    f"(generator.max_retries={self.cfg.max_retries}): {reasons[still[0]][-1].split(': ', 1)[1]}; "
+                    f"prompt {worst.prompt!r}"
+                )
+            pending = still
+            attempt += 1
+        out = [done[p] for p in range(len(records))]
+        self.stats.images += len(out)
+        for g in out:
+            if g.retries:
+                self.stats.retried_images += 1
+                self.stats.retries += g.retries
+        return out
+
+    def generate_one(self, prompt: str, seed: int) -> Image.Image:
+        """The stored-size image of ``prompt`` from ``seed`` -- regenerates a dataset row's pixels.
+
+        No rejection or retry: a stored row's seed is already the one that was kept.
+        """
+        arrays, _ = self.run_pipeline([prompt], [seed])
+        return self._finish(arrays[0])
+
+    regenerate = generate_one
+
+    def counters(self) -> dict[str, Any]:
+        """Retry/rejection counters for the build manifest."""
+        return self.stats.as_dict()

@@ -1,0 +1,382 @@
+"""Load a diffusers text-to-image pipeline for a :class:`~synthgen.recipe.GeneratorConfig`.
+
+``cfg.model`` is one of
+
+* ``builtin:NAME`` -- a model synthgen builds from configs (``builtin:tiny-sd``, see ``tiny.py``);
+* a local folder holding a diffusers pipeline (``model_index.json``);
+* a Hugging Face Hub id (``stabilityai/stable-diffusion-2-1-base``) with an optional ``revision``.
+
+The loaded pipeline comes back with everything the dataset's provenance needs: the resolved model
+revision (the Hub commit hash; a content fingerprint for builtin and local models), the scheduler,
+the device and dtype, and the library versions.
+
+Any failure the user can fix (unknown model, offline, missing folder, bad device) is raised as a
+:class:`SynthgenError` with one line; nothing is downloaded when ``HF_HUB_OFFLINE=1`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from synthgen.errors import SynthgenError
+from synthgen.paths import cache_dir
+from synthgen.recipe import GeneratorConfig
+
+logger = logging.getLogger(__name__)
+
+#: recipe scheduler name -> diffusers class name
+SCHEDULER_CLASSES: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm_solver_multistep": "DPMSolverMultistepScheduler",
+    "dpm_solver_singlestep": "DPMSolverSinglestepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+@dataclass
+class LoadedPipeline:
+    """A ready-to-run pipeline plus the facts that decide (and record) its images."""
+
+    pipe: Any  # a diffusers DiffusionPipeline (StableDiffusionPipeline for SD 1.x/2.x and tiny-sd)
+    device: str  # "cpu", "cuda", "cuda:1", "mps"
+    dtype: Any  # torch.dtype
+    model: str  # cfg.model as given
+    model_revision: str  # Hub commit hash, or "sha256:<fingerprint>" for builtin/local models
+    scheduler_name: str  # the recipe name (ddim, ...) or the pipeline's own class name when kept
+    scheduler_class: str  # diffusers class name, e.g. "DDIMScheduler"
+    pipeline_class: str  # e.g. "StableDiffusionPipeline"
+    versions: dict[str, str] = field(default_factory=dict)  # torch, diffusers, transformers, ...
+    compiled: bool = False
+    attention: str = "sdpa"  # "sdpa" (PyTorch scaled_dot_product_attention), "xformers", "sliced"
+
+    def provenance(self) -> dict[str, Any]:
+        """Plain data for the build manifest."""
+        return {
+            "model": self.model,
+            "model_revision": self.model_revision,
+            "pipeline_class": self.pipeline_class,
+            "scheduler": self.scheduler_name,
+            "scheduler_class": self.scheduler_class,
+            "device": self.device,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attention": self.attention,
+            "compiled": self.compiled,
+            "versions": dict(self.versions),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# device / dtype
+# --------------------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> str:
+    """``auto`` -> cuda if available, else mps, else cpu; an explicit device must be available."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = name.split(":", 1)[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SynthgenError(f"device {name!r} requested but CUDA is not available (use device: auto or cpu)")
+        if ":" in name:
+            try:
+                idx = int(name.split(":", 1)[1])
+            except ValueError:
+                raise SynthgenError(f"bad device {name!r}; expected cuda:N") from None
+            if not 0 <= idx < torch.cuda.device_count():
+                raise SynthgenError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return name
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise SynthgenError("device 'mps' requested but MPS is not available (use device: auto or cpu)")
+        return "mps"
+    if name == "cpu":
+        return "cpu"
+    raise SynthgenError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve_dtype(name: str, device: str):
+    """``auto`` -> float16 on CUDA, float32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# schedulers
+# --------------------------------------------------------------------------------------------------
+def scheduler_class(name: str):
+    """The diffusers scheduler class for a recipe scheduler name."""
+    import diffusers
+
+    if name not in SCHEDULER_CLASSES:
+        raise SynthgenError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_CLASSES)}")
+    return getattr(diffusers, SCHEDULER_CLASSES[name])
+
+
+def make_scheduler(name: str, config: Any):
+    """Build scheduler ``name`` from another scheduler's config (betas, timestep spacing, ...)."""
+    cls = scheduler_class(name)
+    try:
+        return cls.from_config(config)
+    except ImportError as exc:  # e.g. lms needs scipy; diffusers gives a dummy class without it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SynthgenError(f"scheduler {name!r} cannot be used here: {first} (pip install scipy)") from None
+
+
+def set_scheduler(pipe: Any, name: Optional[str]) -> str:
+    """Swap the pipeline's scheduler for ``name`` (None keeps it); returns the scheduler's name."""
+    if name is None:
+        return type(pipe.scheduler).__name__
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# model resolution
+# --------------------------------------------------------------------------------------------------
+def hub_offline() -> bool:
+    """True when the user asked for no Hub traffic (``HF_HUB_OFFLINE``), read at call time."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else path-shaped is a local folder."""
+    return (
+        model.startswith((".", "/", "~"))
+        or model.count("/") > 1
+        or "\\" in model
+        or (len(model) > 1 and model[1] == ":")
+    )
+
+
+def local_fingerprint(path: Path) -> str:
+    """Content fingerprint of a local model folder, cached by (file, size, mtime) in the cache dir."""
+    from synthgen.generate.tiny import cached_fingerprint, model_fingerprint
+
+    if (path / "synthgen_fingerprint.txt").is_file():
+        return cached_fingerprint(path)
+    stat_key = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            stat_key.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    stat_key.update(str(path.resolve()).encode())
+    memo = cache_dir() / "fingerprints" / f"{stat_key.hexdigest()[:32]}.txt"
+    if memo.is_file():
+        text = memo.read_text().strip()
+        if len(text) == 64:
+            return text
+    fp = model_fingerprint(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(fp + "\n")
+    os.replace(tmp, memo)
+    return fp
+
+
+def _check_pinned(model: str, fingerprint: str, revision: Optional[str]) -> None:
+    """A builtin/local model pinned with ``revision`` must match its fingerprint (prefix >= 7)."""
+    if revision is None:
+        return
+    want = revision.removeprefix("sha256:")
+    if len(want) < 7 or not fingerprint.startswith(want.lower()):
+        raise SynthgenError(
+            f"model {model!r} has fingerprint sha256:{fingerprint[:16]}..., but the recipe pins revision "
+            f"{revision!r}; the model files changed (remove generator.revision or rebuild from the recipe's model)"
+        )
+
+
+def _hub_error(model: str, revision: Optional[str], exc: BaseException) -> SynthgenError:
+    from huggingface_hub import errors as hf_errors
+
+    rev = revision or "main"
+    chain = []
+    e: Optional[BaseException] = exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(x, hf_errors.RevisionNotFoundError) for x in chain):
+        return SynthgenError(f"cannot load model {model!r}: revision {rev!r} does not exist on the Hub")
+    if any(isinstance(x, hf_errors.GatedRepoError) for x in chain):
+        return SynthgenError(
+            f"cannot load model {model!r} (revision {rev}): the repository is gated; accept its license on "
+            "the Hub and log in (hf auth login)"
+        )
+    if any(isinstance(x, hf_errors.RepositoryNotFoundError) for x in chain):
+        return SynthgenError(
+            f"cannot load model {model!r} (revision {rev}): no such repository on the Hub (or it is private: "
+            "log in with hf auth login)"
+        )
+    text = " ".join(str(x) for x in chain).lower()
+    offline_words = (
+        "offline",
+        "outgoing traffic has been disabled",
+        "couldn't connect",
+        "connection",
+        "name or service not known",
+        "not fully cached",
+        "cannot find an appropriate cached snapshot",
+        "local_files_only",
+        "timed out",
+    )
+    if hub_offline() or any(w in text for w in offline_words):
+        how = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub is unreachable (offline?)"
+        return SynthgenError(
+            f"cannot load model {model!r} (revision {rev}): not in the local Hugging Face cache and {how}"
+        )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return SynthgenError(f"cannot load model {model!r} (revision {rev}): {first[:300]}")
+
+
+def _download_hub(model: str, revision: Optional[str]) -> tuple[Path, str]:
+    """Fetch (or find in the HF cache) a Hub pipeline; returns its snapshot folder and commit hash."""
+    from diffusers import DiffusionPipeline
+
+    # diffusers' own loggers print multi-line "will try the cache" notes on every offline miss;
+    # the one-line SynthgenError below says it all.
+    diffusers_logger = logging.getLogger("diffusers")
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.ERROR)
+    try:
+        folder = DiffusionPipeline.download(model, revision=revision, local_files_only=hub_offline() or None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _hub_error(model, revision, exc) from None
+    except Exception as exc:  # huggingface_hub / httpx errors that are not OSErrors
+        if type(exc).__module__.split(".")[0] in {"huggingface_hub", "requests", "httpx", "urllib3"}:
+            raise _hub_error(model, revision, exc) from None
+        raise
+    finally:
+        diffusers_logger.setLevel(level)
+    folder = Path(folder)
+    commit = folder.name if folder.parent.name == "snapshots" else None
+    if commit is None:
+        commit = "sha256:" + local_fingerprint(folder)
+    return folder, commit
+
+
+def resolve_model(cfg: GeneratorConfig) -> tuple[Path, str]:
+    """(folder to load, resolved revision) for ``cfg.model``; downloads Hub models if needed."""
+    model = cfg.model
+    if model.startswith("builtin:"):
+        from synthgen.generate.tiny import builtin_model_path, cached_fingerprint
+
+        path = builtin_model_path(model)
+        fp = cached_fingerprint(path)
+        _check_pinned(model, fp, cfg.revision)
+        return path, "sha256:" + fp
+    path = Path(os.path.expanduser(model))
+    if path.exists() or _looks_like_path(model):
+        if not path.is_dir():
+            raise SynthgenError(f"model folder not found: {model}")
+        if not (path / "model_index.json").is_file():
+            raise SynthgenError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+        fp = local_fingerprint(path)
+        _check_pinned(model, fp, cfg.revision)
+        return path, "sha256:" + fp
+    return _download_hub(model, cfg.revision)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "huggingface_hub"):
+        try:
+            out[name] = md.version(name.replace("_", "-"))
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_pipeline(cfg: GeneratorConfig, *, xformers: bool = False) -> LoadedPipeline:
+    """Load ``cfg.model`` onto ``cfg.device`` in ``cfg.dtype`` with ``cfg.scheduler``.
+
+    ``xformers=True`` uses xformers' memory-efficient attention when it is installed (a warning and
+    PyTorch SDPA otherwise). ``cfg.compile`` compiles the UNet with ``torch.compile`` on CUDA and is
+    ignored, with a warning, elsewhere.
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if dtype == torch.float16 and device == "cpu":
+        warnings.warn("float16 on CPU is slow and often unsupported; consider dtype: float32", stacklevel=2)
+    folder, revision = resolve_model(cfg)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SynthgenError(f"cannot load model {cfg.model!r} from {folder}: {first[:300]}") from None
+    if not hasattr(pipe, "scheduler") or not hasattr(pipe, "unet"):
+        raise SynthgenError(f"model {cfg.model!r} is a {type(pipe).__name__}, not a text-to-image UNet pipeline")
+    scheduler_name = set_scheduler(pipe, cfg.scheduler)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    attention = "sdpa"
+    if xformers:
+        try:
+            import xformers as _xf  # noqa: F401
+
+            pipe.enable_xformers_memory_efficient_attention()
+            attention = "xformers"
+        except Exception as exc:  # not installed, or no CUDA build
+            warnings.warn(f"xformers requested but unusable ({type(exc).__name__}); using PyTorch SDPA", stacklevel=2)
+    if cfg.attention_slicing:
+        pipe.enable_attention_slicing()
+        attention = "sliced" if attention == "sdpa" else attention + "+sliced"
+
+    compiled = False
+    if cfg.compile:
+        if device.startswith("cuda"):
+            pipe.unet = torch.compile(pipe.unet)
+            compiled = True
+        else:
+            warnings.warn(f"generator.compile is ignored on {device} (torch.compile of the UNet is for GPUs)", stacklevel=2)
+
+    return LoadedPipeline(
+        pipe=pipe,
+        device=device,
+        dtype=dtype,
+        model=cfg.model,
+        model_revision=revision,
+        scheduler_name=scheduler_name,
+        scheduler_class=type(pipe.scheduler).__name__,
+        pipeline_class=type(pipe).__name__,
+        versions=library_versions(),
+        compiled=compiled,
+        attention=attention,
+    )
+
+
+def model_index(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``model_index.json`` of a pipeline folder (for inspection and tests)."""
+    return json.loads((Path(folder) / "model_index.json").read_text())
