@@ -25,11 +25,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from synthgen.cli import dataset_cmds  # noqa: F401
 
-    try:
-        from synthgen.cli import train_cmds  # noqa: F401
-    except ImportError as exc:  # the trainer is optional at import time only while it is built
-        if "train_cmds" not in str(exc):
-            raise
+    from synthgen.cli import pretrain_cmds, train_cmds  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,8 @@ def render_card(manifest: dict[str, Any], features: Features) -> str:
         f" dtype `{model.get('dtype') or gen['dtype']}`.",
         f"- Stored as {out['image_format'].upper()}"
         + (f" at {out['image_size']}x{out['image_size']} ({out['resize_filter']} resize)." if out["image_size"] else " at the generated size."),
+        "- Prompts longer than the text encoder's context (77 CLIP tokens) are truncated by the"
+        " pipeline; the `prompt` column stores the full text.",
         f"- Regenerated images (black or non-finite outputs, given a derived seed): {manifest.get('retries', 0)}.",
         f"- Settings hash: `{manifest['settings_hash']}`; recipe hash: `{manifest['recipe_hash'][:16]}`.",
         "",

@@ -11,9 +11,9 @@ Rejection rule. An image (the pipeline's float output in [0, 1], before uint8 co
 rejected when
 
 * any value is non-finite (NaN or inf: e.g. a float16 overflow), or
-* it is black: its brightest value is at most 1/255, i.e. every channel of every pixel would be
-  stored as 0 or 1 -- what the Stable Diffusion safety checker returns, and what a NaN-collapsed VAE
-  decode gives, or
+* it is black: its brightest value, converted to uint8 like every stored pixel
+  (``round(x * 255)``), is at most 1 -- every channel of every pixel would be stored as 0 or 1.
+  That is what the Stable Diffusion safety checker returns, and what a collapsed decode gives, or
 * the pipeline flags it in ``nsfw_content_detected`` (the safety checker blacked it out).
 
 A rejected image is regenerated with the next attempt's seed ``image_seed(s, i, attempt + 1)`` --
@@ -42,8 +42,8 @@ from synthgen.recipe import GeneratorConfig, OutputConfig
 
 logger = logging.getLogger(__name__)
 
-#: an image whose maximum value is at or below this (in [0, 1]) is black (see the module doc)
-BLACK_MAX = 1.0 / 255.0
+#: an image whose brightest uint8 level (round(max * 255)) is at most this is black (module doc)
+BLACK_MAX_LEVEL = 1
 #: generators are created on this device whatever the pipeline's device (see the module doc)
 GENERATOR_DEVICE = "cpu"
 
@@ -95,7 +95,7 @@ def rejection_reason(array: np.ndarray, nsfw: bool = False) -> Optional[str]:
         return "non-finite values"
     if nsfw:
         return "flagged by safety checker"
-    if array.size == 0 or float(array.max()) <= BLACK_MAX:
+    if array.size == 0 or round(float(array.max()) * 255) <= BLACK_MAX_LEVEL:
         return "black image"
     return None
 
@@ -153,7 +153,7 @@ class ImageGenerator:
         )
         if cfg.negative_prompt is not None:
             kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
-        out = self.pipe(**kwargs)
+        out = self._call_quietly(kwargs)
         images = getattr(out, "images", None)
         if images is None:
             images = out[0]
@@ -167,6 +167,22 @@ class ImageGenerator:
         if len(images) != len(prompts) or len(flags) != len(prompts):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(prompts)} prompts")
         return images, flags
+
+    def _call_quietly(self, kwargs: dict[str, Any]):
+        """Call the pipeline with diffusers' per-batch warnings muted.
+
+        Long prompts (e.g. "c, d_c" with a WordNet definition) exceed CLIP's 77 tokens; diffusers
+        warns about it on every batch, which buries the progress bar. The truncation is documented
+        in the dataset card instead.
+        """
+        import diffusers.utils.logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()
+        try:
+            return self.pipe(**kwargs)
+        finally:
+            dlog.set_verbosity(level)
 
     def _finish(self, array: np.ndarray) -> Image.Image:
         return resize_to_stored(to_pil(array), self.output)

@@ -16,6 +16,7 @@ Any failure the user can fix (unknown model, offline, missing folder, bad device
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,6 +47,16 @@ SCHEDULER_CLASSES: dict[str, str] = {
 }
 
 _TRUTHY = {"1", "true", "yes", "on"}
+
+
+def _dtype_kwarg() -> str:
+    """``dtype`` on diffusers that renamed it (torch_dtype is deprecated there), else torch_dtype."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
 
 
 @dataclass
@@ -140,8 +151,13 @@ def scheduler_class(name: str):
 def make_scheduler(name: str, config: Any):
     """Build scheduler ``name`` from another scheduler's config (betas, timestep spacing, ...)."""
     cls = scheduler_class(name)
+    overrides: dict[str, Any] = {}
+    if name == "pndm" and "skip_prk_steps" not in config:
+        # PLMS, as Stable Diffusion ships it; PNDM's own default (Runge-Kutta warm-up steps) breaks
+        # on few inference steps and is not what "pndm" means for SD checkpoints.
+        overrides["skip_prk_steps"] = True
     try:
-        return cls.from_config(config)
+        return cls.from_config(config, **overrides)
     except ImportError as exc:  # e.g. lms needs scipy; diffusers gives a dummy class without it
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SynthgenError(f"scheduler {name!r} cannot be used here: {first} (pip install scipy)") from None
@@ -303,6 +319,24 @@ def resolve_model(cfg: GeneratorConfig) -> tuple[Path, str]:
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide diffusers'/transformers' per-component loading and saving progress bars meanwhile."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    restore = []
+    for mod in (dlog, tlog):
+        if mod.is_progress_bar_enabled():
+            mod.disable_progress_bar()
+            restore.append(mod)
+    try:
+        yield
+    finally:
+        for mod in restore:
+            mod.enable_progress_bar()
+
+
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -331,7 +365,8 @@ def load_pipeline(cfg: GeneratorConfig, *, xformers: bool = False) -> LoadedPipe
         warnings.warn("float16 on CPU is slow and often unsupported; consider dtype: float32", stacklevel=2)
     folder, revision = resolve_model(cfg)
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
     except (OSError, ValueError, TypeError, AttributeError, ImportError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SynthgenError(f"cannot load model {cfg.model!r} from {folder}: {first[:300]}") from None

@@ -171,7 +171,10 @@ def build_tiny_pipeline(path: str | os.PathLike) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(path, safe_serialization=True)
+    from synthgen.generate.pipeline import quiet_loading
+
+    with quiet_loading():
+        pipe.save_pretrained(path, safe_serialization=True)
     # save_pretrained re-saves the tokenizer in transformers' own format; write our files again so
     # the folder holds exactly the slow-tokenizer files real SD 1.x checkpoints ship.
     for extra in ("tokenizer.json",):

@@ -191,8 +191,8 @@ class EvalDatasetSpec(_Strict):
     image_column: Optional[str] = None
     label_column: Optional[str] = None
     image_size: Optional[int] = Field(None, ge=8)  # default: the model's image_size
-    train_limit: Optional[int] = Field(None, ge=2)  # a stratified random subset of train
-    test_limit: Optional[int] = Field(None, ge=1)  # a stratified random subset of test
+    train_limit: Optional[int] = Field(None, ge=2)  # the first N rows of the train split only
+    test_limit: Optional[int] = Field(None, ge=1)  # the first N rows of the test split only
     val_fraction: float = Field(0.1, gt=0, lt=1)  # carved (stratified) from train for model selection
 
 

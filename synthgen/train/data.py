@@ -153,6 +153,8 @@ def _load_hf_split(source: str, split: str, revision: str | None):
         raise
     except Exception as exc:  # datasets raises many kinds (FileNotFound, DatasetNotFound, ConnectionError ...)
         msg = " ".join(str(exc).split()) or type(exc).__name__
+        if "corresponds to no data" in msg:  # datasets' wording for a split with no rows
+            raise SynthgenError(f"{source}: a split is empty (0 rows): {msg}") from None
         if len(msg) > 300:
             msg = msg[:300] + "..."
         where = f"{source}" + (f" at revision {revision!r}" if revision else "")

@@ -1,0 +1,50 @@
+"""Shared test fixtures.
+
+* ``_synthgen_cache`` (autouse, session): points ``SYNTHGEN_CACHE`` at a session temporary folder,
+  so no test reads or writes ``~/.cache/synthgen``. The folder is shared by the whole session.
+* ``tiny_pipeline_path`` (session): the folder of ``builtin:tiny-sd``, built once per session into
+  that cache (a few seconds). Recipes with ``model: builtin:tiny-sd`` then load it without
+  rebuilding; ``StableDiffusionPipeline.from_pretrained(tiny_pipeline_path)`` works too.
+* ``tiny_generator_config``: a fast ``GeneratorConfig`` for the tiny pipeline (64x64, 4 DDIM steps,
+  guidance 2, batch 4); a fresh object per test, change it with ``model_copy(update=...)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _synthgen_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synthgen-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SYNTHGEN_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_path(_synthgen_cache):
+    from synthgen.generate.tiny import builtin_model_path
+
+    path = builtin_model_path("tiny-sd")
+    assert path.is_relative_to(_synthgen_cache) and os.path.isfile(path / "model_index.json")
+    return path
+
+
+@pytest.fixture
+def tiny_generator_config(tiny_pipeline_path):
+    from synthgen.recipe import GeneratorConfig
+
+    return GeneratorConfig(
+        model="builtin:tiny-sd",
+        scheduler="ddim",
+        steps=4,
+        guidance_scale=2.0,
+        height=64,
+        width=64,
+        batch_size=4,
+        device="cpu",
+        max_retries=3,
+    )

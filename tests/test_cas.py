@@ -1,0 +1,176 @@
+"""CAS end to end on small CIFAR-10 subsets (CPU, 1 epoch), and its input checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from synthgen.errors import SynthgenError
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
+pytestmark = pytest.mark.skipif(
+    not CIFAR.is_dir(), reason=f"real CIFAR-10 folder not found at {CIFAR} (../shared beside the clone)"
+)
+NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PERMUTED = ["truck", "cat", "ship", "airplane", "frog", "horse", "bird", "deer", "automobile", "dog"]
+README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*.parquet
+---
+# test synthetic set
+"""
+FAST = ["--epochs", "1", "--batch-size", "64", "--limit-real", "300", "--limit-real-test", "200", "--threads", "1", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cifar_rows():
+    """Real images 1000.. of the training split (disjoint from the first 300 used as the real set)."""
+    import datasets
+
+    ds = datasets.load_dataset(str(CIFAR), split="train").select(range(1000, 1700))
+    return ds.cast_column("img", datasets.Image(decode=False))
+
+
+def write_folder(path: Path, rows, names: list[str] | None, n: int | None = None, with_label: bool = True, positional: bool = False) -> Path:
+    """A Hub-layout dataset folder (README.md configs + data/*.parquet) with the columns image/label;
+    each image keeps its real class, written under that class's index in ``names``."""
+    import datasets
+
+    rows = rows if n is None else rows.select(range(n))
+    feats = {"image": datasets.Image()}
+    data = {"image": rows["img"]}
+    if with_label:
+        feats["label"] = datasets.ClassLabel(names=names)
+        data["label"] = [y if positional else names.index(NAMES[y]) for y in rows["label"]]
+    (path / "data").mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(data, features=datasets.Features(feats)).to_parquet(str(path / "data/train-00000-of-00001.parquet"))
+    (path / "README.md").write_text(README)
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from synthgen.cli import main
+
+    rc = main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def no_training(monkeypatch):
+    from synthgen.train import classify
+
+    def boom(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(classify, "train_classifier", boom)
+
+
+def test_cas_cli_end_to_end_with_scales(tmp_path, cifar_rows, capsys):
+    syn = write_folder(tmp_path / "syn", cifar_rows, PERMUTED, n=600)
+    out = tmp_path / "res.json"
+    rc, stdout, err = run_cli(["cas", str(syn), "--real", str(CIFAR), "--scales", "1,2", "--output", str(out), *FAST], capsys)
+    assert rc == 0, err
+    assert "Real" in stdout and "×1" in stdout and "×2" in stdout
+    res = json.loads(out.read_text())
+    assert [r["scale"] for r in res["runs"]] == [1, 2]
+    assert [r["n_images"] for r in res["runs"]] == [300, 600]
+    assert res["runs"][1]["n_train"] + res["runs"][1]["n_val"] == 600
+    for r in [res["real_baseline"], *res["runs"]]:
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and r["n_test"] == 200 and r["epochs_run"] == 1
+    assert res["protocol"]["model"] == "resnet20" and res["protocol"]["epochs"] == 1
+    assert res["protocol"]["label_smoothing"] == 0.1 and res["protocol"]["lr"] == 1e-3
+    assert res["environment"]["device"] == "cpu" and res["environment"]["versions"]["torch"]
+    assert res["real"]["train"]["fingerprint"] and res["synthetic"]["fingerprint"]
+    assert res["real_baseline"]["cached"] is False
+    # the real baseline is cached: a second run (another seed of the synthetic runs is not asked) reuses it
+    rc, stdout, err = run_cli(["cas", str(syn), "--real", str(CIFAR), "--output", str(out), *FAST], capsys)
+    assert rc == 0, err
+    res2 = json.loads(out.read_text())
+    assert res2["real_baseline"]["cached"] is True
+    assert res2["real_baseline"]["top1"] == res["real_baseline"]["top1"]
+    assert res2["runs"][0]["scale"] is None and res2["runs"][0]["n_images"] == 600
+
+
+def test_real_train_scored_as_synthetic_equals_baseline():
+    from synthgen.train.cas import CASProtocol, cas_score
+
+    p = CASProtocol(epochs=1, batch_size=64, limit_real=300, limit_real_test=200, limit_synthetic=300)
+    res = cas_score(str(CIFAR), str(CIFAR), p, seed=5, device="cpu", use_cache=False)
+    base, run = res["real_baseline"], res["runs"][0]
+    assert run["n_images"] == 300
+    assert run["top1"] == base["top1"] and run["top5"] == base["top5"] and run["test_loss"] == base["test_loss"]
+    assert [h["train_loss"] for h in run["history"]] == [h["train_loss"] for h in base["history"]]
+
+
+def test_labels_matched_by_name(tmp_path, cifar_rows):
+    from synthgen.train.cas import CASProtocol, cas_score
+
+    p = CASProtocol(epochs=1, batch_size=64, limit_real=300, limit_real_test=200)
+    a = cas_score(str(write_folder(tmp_path / "a", cifar_rows, NAMES, n=300)), str(CIFAR), p, seed=1, device="cpu")
+    b = cas_score(str(write_folder(tmp_path / "b", cifar_rows, PERMUTED, n=300)), str(CIFAR), p, seed=1, device="cpu")
+    assert a["runs"][0]["top1"] == b["runs"][0]["top1"] and a["runs"][0]["test_loss"] == b["runs"][0]["test_loss"]
+    assert b["real_baseline"]["cached"] is True  # same protocol/seed/device: computed once
+    # matching is by name: positions alone would train "truck" images as "airplane" and differ
+    c_names = ["Airplane", " Automobile", "BIRD", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    from synthgen.train.cas import match_labels
+
+    assert match_labels(c_names, NAMES).tolist() == list(range(10))
+    assert match_labels(PERMUTED, NAMES).tolist() == [NAMES.index(n) for n in PERMUTED]
+
+
+def _expect_error(args, capsys, monkeypatch, pattern):
+    no_training(monkeypatch)
+    rc, out, err = run_cli(args, capsys)
+    assert rc != 0
+    # (datasets' own progress bars may precede it on stderr)
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def test_bad_inputs_fail_before_training(tmp_path, cifar_rows, capsys, monkeypatch):
+    real = ["--real", str(CIFAR), *FAST]
+    nolabel = write_folder(tmp_path / "nolabel", cifar_rows, None, n=20, with_label=False)
+    _expect_error(["cas", str(nolabel), *real], capsys, monkeypatch, "no label column")
+    bad = write_folder(tmp_path / "bad", cifar_rows, NAMES[:8] + ["dragon", "unicorn"], n=50, positional=True)
+    line = _expect_error(["cas", str(bad), *real], capsys, monkeypatch, "not in the real set")
+    assert "'dragon'" in line and "'unicorn'" in line and "'cat'" not in line
+    # an empty split
+    import datasets
+
+    empty = tmp_path / "empty"
+    (empty / "data").mkdir(parents=True)
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
+    datasets.Dataset.from_dict({"image": [], "label": []}, features=feats).to_parquet(str(empty / "data/train-00000-of-00001.parquet"))
+    (empty / "README.md").write_text(README)
+    _expect_error(["cas", str(empty), *real], capsys, monkeypatch, "empty")
+    good = write_folder(tmp_path / "good", cifar_rows, NAMES, n=50)
+    _expect_error(["cas", str(good), "--split", "validation", *real], capsys, monkeypatch, "no split 'validation'; available: train")
+    _expect_error(["cas", str(good), "--scales", "1", *real], capsys, monkeypatch, r"scale x1 needs 300 .* has 50")
+    _expect_error(["cas", str(good), "--real", str(tmp_path / "nowhere"), *FAST], capsys, monkeypatch, "not found")
+    # a revision that does not exist / an unknown Hub dataset (offline: no network in tests)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _expect_error(["cas", "nobody-xyz/no-such-set", "--revision", "v9.9.9", *real], capsys, monkeypatch, "cannot load dataset nobody-xyz/no-such-set at revision 'v9.9.9'")
+    _expect_error(["cas", str(good), "--revision", "v1.0.0", *real], capsys, monkeypatch, "revision")
+    rc, out, err = run_cli(["cas", str(good), "--real", str(CIFAR), "--scales", "x", *FAST], capsys)
+    assert rc == 1 and "error: --scales" in err

@@ -1,0 +1,168 @@
+"""Models registry, the uint8 tensor datasets and the supervised trainer (CPU, small)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from synthgen.errors import SynthgenError
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
+needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real CIFAR-10 folder not found at {CIFAR} (../shared beside the clone)")
+
+
+@pytest.fixture
+def one_thread():
+    # 2-core CI machines run several test processes at once; OpenMP with 2 threads then crawls.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_resnet20_parameter_count_and_shapes():
+    from synthgen.train.models import count_parameters, create_model, list_models
+
+    assert {"resnet20", "resnet50", "vit_tiny", "vit_small", "vit_base"} <= set(list_models())
+    m = create_model("resnet20", 10)
+    n = count_parameters(m)
+    assert 265_000 <= n <= 275_000, n  # He et al.: 0.27M
+    assert n == 269_722  # option A (parameter-free shortcuts)
+    assert count_parameters(create_model("resnet20", 10, shortcut="B")) == 272_474
+    x = torch.randn(3, 3, 32, 32)
+    assert m(x).shape == (3, 10)
+    feat = create_model("resnet20", 0)
+    assert feat.num_features == 64 and feat(x).shape == (3, 64) and feat.forward_features_pooled(x).shape == (3, 64)
+
+
+def test_vit_tiny_patch4_at_32px():
+    from synthgen.train.models import create_model, extract_features
+
+    m = create_model("vit_tiny", 10, image_size=32, patch_size=4)
+    assert m.patch_embed.grid_size == (8, 8)
+    x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 10)
+    assert m.num_features == 192 and extract_features(m, x).shape == (2, 192)
+    assert create_model("vit_tiny", 0, image_size=32, patch_size=4)(x).shape == (2, 192)
+    assert create_model("timm:resnet18", 5)(x).shape == (2, 5)
+
+
+def test_unknown_model_is_one_line_error():
+    from synthgen.train.models import create_model
+
+    with pytest.raises(SynthgenError, match="unknown model"):
+        create_model("resnet21", 10)
+    with pytest.raises(SynthgenError, match="timm cannot create"):
+        create_model("timm:no_such_net", 10)
+
+
+# ---------------------------------------------------------------- data
+
+
+@needs_cifar
+def test_load_cifar_shapes_and_cache(monkeypatch):
+    from synthgen.train import data
+    from synthgen.train.data import load_image_dataset
+
+    ds = load_image_dataset(str(CIFAR), "test", limit=200)
+    assert ds.images.shape == (200, 3, 32, 32) and ds.images.dtype == torch.uint8
+    assert ds.labels.dtype == torch.int64 and ds.labels.shape == (200,)
+    assert ds.class_names[:3] == ["airplane", "automobile", "bird"] and len(ds.class_names) == 10
+    assert ds.source["split"] == "test" and ds.source["fingerprint"]
+    assert 0 <= int(ds.labels.min()) and int(ds.labels.max()) <= 9
+    assert float(ds.images.float().mean()) > 50  # real pixels, not zeros
+
+    # the second load must come from the tensor cache: decoding would fail now
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data, "_decode_images", no_decode)
+    again = load_image_dataset(str(CIFAR), "test", limit=200)
+    assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
+    assert again.class_names == ds.class_names
+    with pytest.raises(AssertionError, match="decoded again"):  # other keys are other entries
+        load_image_dataset(str(CIFAR), "test", limit=200, image_size=16)
+
+
+@needs_cifar
+def test_resize_subset_split_and_normalise():
+    from synthgen.train.data import load_image_dataset, split_train_val, to_float
+
+    ds = load_image_dataset(str(CIFAR), "test", limit=300, image_size=16)
+    assert ds.images.shape == (300, 3, 16, 16)
+    tr, va = split_train_val(ds, 0.2, seed=3)
+    assert len(tr) + len(va) == 300 and 50 <= len(va) <= 70
+    counts = torch.bincount(va.labels, minlength=10)
+    full = torch.bincount(ds.labels, minlength=10)
+    assert torch.all((counts - full * 0.2).abs() <= 1)  # stratified
+    tr2, va2 = split_train_val(ds, 0.2, seed=3)
+    assert torch.equal(va.images, va2.images)
+    _, va3 = split_train_val(ds, 0.2, seed=4)
+    assert not torch.equal(va.images, va3.images)
+    x = to_float(ds.images[:4], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert x.dtype == torch.float32
+    assert torch.allclose(x, (ds.images[:4].float() / 255 - 0.5) / 0.25)
+
+
+@needs_cifar
+def test_load_errors_are_one_line():
+    from synthgen.train.data import load_image_dataset
+
+    with pytest.raises(SynthgenError, match=r"no split 'validation'; available: train, test"):
+        load_image_dataset(str(CIFAR), "validation")
+    with pytest.raises(SynthgenError, match="not found"):
+        load_image_dataset("/no/such/folder", "train")
+    with pytest.raises(SynthgenError, match="no column 'pixels'"):
+        load_image_dataset(str(CIFAR), "test", image_column="pixels", limit=5)
+
+
+def test_parquet_file_and_mixed_sizes(tmp_path):
+    import datasets
+    import numpy as np
+
+    from synthgen.train.data import load_image_dataset
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (20, 20, 3), dtype=np.uint8), rng.integers(0, 255, (24, 30), dtype=np.uint8)]
+    feats = datasets.Features({"picture": datasets.Image(), "caption_id": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"picture": imgs, "caption_id": [7, 7]}, features=feats)
+    path = tmp_path / "x.parquet"
+    ds.to_parquet(str(path))
+    with pytest.raises(SynthgenError, match="differ in size.*image_size"):
+        load_image_dataset(str(path), "train", cache=False)
+    out = load_image_dataset(str(path), "train", image_size=16, group_column="caption_id")
+    assert out.images.shape == (2, 3, 16, 16) and out.labels is None and out.groups.tolist() == [7, 7]
+    with pytest.raises(SynthgenError, match="no label column"):
+        load_image_dataset(str(path), "train", image_size=16, require_labels=True)
+
+
+# ---------------------------------------------------------------- trainer
+
+
+@needs_cifar
+def test_classifier_is_deterministic_and_learns(one_thread):
+    from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
+    from synthgen.train.data import load_image_dataset, split_train_val
+    from synthgen.train.models import create_model
+
+    ds = load_image_dataset(str(CIFAR), "train", limit=400)
+    tr, va = split_train_val(ds, 0.1, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=50, label_smoothing=0.1, early_stopping_patience=1, plateau_patience=0)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        r = train_classifier(create_model("resnet20", 10), tr, va, cfg, device="cpu", quiet=True)
+        outs.append((r, evaluate_classifier(r.model, va, mean=r.mean, std=r.std, device="cpu")))
+    (r1, e1), (r2, e2) = outs
+    assert r1.history == [{**h, "epoch_s": r1.history[i]["epoch_s"]} for i, h in enumerate(r2.history)]
+    assert e1 == e2
+    assert r1.epochs_run == 2 and len(r1.history) == 2
+    assert r1.history[-1]["train_loss"] < r1.history[0]["train_loss"] + 0.5
+    # the restored weights are those of the best validation epoch
+    best = min(r1.history, key=lambda h: h["val_loss"])
+    assert abs(e1["loss"] - best["val_loss"]) < 1e-4 and r1.best_epoch == best["epoch"]
