@@ -174,3 +174,21 @@ def test_bad_inputs_fail_before_training(tmp_path, cifar_rows, capsys, monkeypat
     _expect_error(["cas", str(good), "--revision", "v1.0.0", *real], capsys, monkeypatch, "revision")
     rc, out, err = run_cli(["cas", str(good), "--real", str(CIFAR), "--scales", "x", *FAST], capsys)
     assert rc == 1 and "error: --scales" in err
+
+
+@pytest.mark.slow
+def test_cas_on_a_synthgen_build_folder(tmp_path, capsys):
+    """A real `synthgen build demo` folder (tiny pipeline, 20 images) scores end to end."""
+    folder = tmp_path / "demo"
+    rc, out, err = run_cli(["build", "demo", "--limit", "20", "--out", str(folder), "-q"], capsys)
+    if rc != 0:
+        pytest.fail(f"synthgen build demo failed: {err[-500:]}")
+    res_path = tmp_path / "demo-cas.json"
+    rc, out, err = run_cli(
+        ["cas", str(folder), "--real", str(CIFAR), "--epochs", "1", "--batch-size", "8", "--limit-real", "40",
+         "--limit-real-test", "100", "--threads", "1", "-q", "-o", str(res_path)], capsys,
+    )
+    assert rc == 0, err
+    res = json.loads(res_path.read_text())
+    assert res["runs"][0]["n_images"] == 20 and res["image_size"] == 32
+    assert set(res["label_map"].values()) <= set(NAMES)
