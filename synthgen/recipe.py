@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synthgen.errors import RecipeError
 from synthgen.paths import RECIPES_DIR
@@ -203,19 +203,36 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe name (``demo``) resolves to ``recipes/demo.yaml``; anything else is a path."""
+def find_recipe_file(name_or_path: str | Path, folder: Path, what: str = "recipe") -> Path:
+    """A bare name (``demo``) resolves to ``folder/demo.yaml``; anything else is a path."""
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
+            raise RecipeError(f"{what} file not found: {path}")
         return path
-    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    builtin = folder / f"{name_or_path}.yaml"
     if builtin.is_file():
         return builtin
-    raise RecipeError(
-        f"unknown recipe {str(name_or_path)!r}: not a file, and not one of {', '.join(list_recipes())}"
-    )
+    known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+    raise RecipeError(f"unknown {what} {str(name_or_path)!r}: not a file, and not one of {known}")
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    return find_recipe_file(name_or_path, RECIPES_DIR, "recipe")
+
+
+def read_yaml_mapping(path: Path, what: str = "recipe") -> dict[str, Any]:
+    """Parse a YAML file that must hold a mapping; malformed YAML is one line with its position."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a {what} is a YAML mapping of keys to values")
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -253,16 +270,7 @@ def load_recipe(
 ) -> Recipe:
     """Read, override and validate a recipe. ``limit`` caps ``count`` (a quick partial build)."""
     path = recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (name, count, prompts, generator, ...)")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(read_yaml_mapping(path), overrides or [])
     if limit is not None:
         if limit <= 0:
             raise RecipeError(f"--limit must be positive, got {limit}")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthgen.errors import SynthgenError
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
 pytestmark = pytest.mark.skipif(

@@ -127,15 +127,22 @@ def prompts(
     n: int = typer.Option(20, "-n", help="How many prompts to show."),
     start: int = typer.Option(0, "--start", help="First image index."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    tsv: bool = typer.Option(False, "--tsv", help="Tab-separated lines instead of a table (for pipes)."),
 ) -> None:
     """Show the prompts a recipe gives its images (index, label, group, prompt)."""
     from synthgen.prompts import build_sampler
 
     sampler = build_sampler(_load(recipe, set_, None))
+    indices = range(max(0, start), min(len(sampler), start + n))
+    if tsv:
+        for i in indices:
+            rec = sampler[i]
+            print(f"{rec.index}\t{rec.label_name or ''}\t{rec.group}\t{rec.prompt or ''}")
+        return
     table = Table()
     for col in ("index", "label", "group", "prompt"):
         table.add_column(col)
-    for i in range(max(0, start), min(len(sampler), start + n)):
+    for i in indices:
         rec = sampler[i]
         table.add_row(str(rec.index), rec.label_name or "", str(rec.group), rec.prompt or "")
     console.print(table)

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synthgen.errors import SynthgenError
+from synthgen.train.optim import optimizer_step
 from synthgen.train.data import ImageTensorDataset, channel_stats, to_float
 
 __all__ = ["TrainConfig", "TrainResult", "train_classifier", "evaluate_classifier", "resolve_device", "autocast_dtype"]
@@ -300,10 +301,7 @@ def train_classifier(
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = step_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(loss, opt, scaler, model.parameters())
             loss_sum += loss.detach().double() * len(idx)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(idx)

@@ -25,12 +25,11 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthgen.errors import RecipeError, SynthgenError
 from synthgen.paths import TRAIN_RECIPES_DIR
-from synthgen.recipe import apply_overrides, format_validation_error
+from synthgen.recipe import apply_overrides, find_recipe_file, format_validation_error, read_yaml_mapping
 
 __all__ = [
     "DatasetSpec",
@@ -272,31 +271,13 @@ def list_train_recipes() -> list[str]:
 
 def train_recipe_path(name_or_path: str | Path) -> Path:
     """``rotation-vit`` -> ``train/rotation-vit.yaml``; anything with a .yaml suffix is a path."""
-    path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
-        if not path.is_file():
-            raise RecipeError(f"training recipe not found: {path}")
-        return path
-    builtin = TRAIN_RECIPES_DIR / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        return builtin
-    raise RecipeError(
-        f"unknown training recipe {str(name_or_path)!r}: not a file, and not one of {', '.join(list_train_recipes())}"
-    )
+    return find_recipe_file(name_or_path, TRAIN_RECIPES_DIR, "training recipe")
 
 
 def load_train_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], str]:
     """Read a training recipe (YAML mapping) and apply ``--set key=value`` overrides."""
     path = train_recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', None) or 'invalid YAML'}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a training recipe is a YAML mapping")
-    return apply_overrides(data, list(overrides or [])), str(path)
+    return apply_overrides(read_yaml_mapping(path, "training recipe"), list(overrides or [])), str(path)
 
 
 def _validate(cls, data: dict[str, Any], source: str):

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synthgen.errors import SynthgenError
+from synthgen.train.optim import optimizer_step
 from synthgen.train.augment import normalize, random_crop_flip, to_unit_float
 from synthgen.train.config import EvalConfig, ModelSpec, resolve_source
 from synthgen.train.pretrain import (
@@ -324,13 +325,7 @@ def finetune(
                     x = random_crop_flip(x, generator=gen)
                 logits = forward(normalize(x, mean, std))
                 loss = F.cross_entropy(logits, y_fit[idx].to(device), label_smoothing=spec.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if spec.optimizer.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(loss, optimizer, scaler, model.parameters(), spec.optimizer.grad_clip)
                 scheduler.step()
                 step += 1
                 losses.append(loss.item())

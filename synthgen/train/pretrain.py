@@ -37,6 +37,7 @@ import torch.nn as nn
 import yaml
 
 from synthgen.errors import SynthgenError
+from synthgen.train.optim import optimizer_step
 from synthgen.train.augment import ContrastiveAugment, normalize, random_crop_flip, to_unit_float
 from synthgen.train.config import (
     PretrainConfig,
@@ -467,13 +468,7 @@ def pretrain(
                     loss, extra = step_loss(x, idx, gen)
                     if not torch.isfinite(loss):
                         raise SynthgenError(f"loss became {loss.item()} at step {step}; lower optimizer.lr")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if config.optimizer.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
+                    optimizer_step(loss, optimizer, scaler, model.parameters(), config.optimizer.grad_clip)
                     scheduler.step()
                     step += 1
                     value = loss.item()
