@@ -19,34 +19,14 @@ import platform
 import socket
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from synthgen.prompts import CaptionSampler, CombinatorialSampler, WordNetSampler  # noqa: E402
+from synthgen.provenance import cpu_name, library_versions  # noqa: E402
 from synthgen.recipe import CaptionPrompts, CombinatorialPrompts, WordNetPrompts  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("numpy", "nltk", "pydantic", "pyyaml", "datasets", "timm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
 
 
 def best_of(repeats: int, fn) -> float:
@@ -112,8 +92,8 @@ def main(argv=None) -> None:
         "benchmark": "prompt sampling rate, one core, best of repeats",
         "date": now.isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "device": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions(),
+        "device": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": library_versions(),
         "settings": {
             "n": n,
             "repeats": args.repeats,

@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthgen.dataset.build import library_versions  # noqa: E402
+from synthgen.provenance import cpu_name, library_versions  # noqa: E402
 from synthgen.dataset.plan import ShardPlan  # noqa: E402
 from synthgen.dataset.schema import dataset_features  # noqa: E402
 from synthgen.dataset.writer import ShardRow, ShardWriter  # noqa: E402
@@ -38,16 +38,6 @@ def photo_like(size: int, seed: int) -> Image.Image:
     smooth = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), dtype=np.float32)
     noisy = np.clip(smooth + rng.normal(0, 6, size=smooth.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(noisy)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -99,7 +89,7 @@ def main() -> None:
         "benchmark": "shard_writing",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": {"cpu": cpu_name(), "cores_used": 1, "host": platform.node()},
-        "versions": library_versions() | {"pyarrow": __import__("pyarrow").__version__},
+        "versions": library_versions(),
         "settings": {"images_per_shard": args.images, "repeats": args.repeats, "png_compress_level": 1,
                      "jpeg_quality": 95, "image": "smooth colour field + gaussian noise (sigma 6)"},
         "results": results,

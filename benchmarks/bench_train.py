@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from synthgen.train.classify import autocast_dtype  # noqa: E402
 from synthgen.train.data import to_float  # noqa: E402
 from synthgen.train.models import count_parameters, create_model  # noqa: E402
-from synthgen.train.results import environment, write_json  # noqa: E402
+from synthgen.provenance import environment, write_json  # noqa: E402
 
 
 def throughput(name: str, kwargs: dict, device: torch.device, batch: int, warmup: int, iters: int) -> dict:

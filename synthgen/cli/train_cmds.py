@@ -90,7 +90,7 @@ def cas(
     training data, no augmentation. Labels are matched by name.
     """
     from synthgen.train.cas import CASProtocol, cas_score, results_table
-    from synthgen.train.results import write_json
+    from synthgen.provenance import write_json
 
     overrides = {
         "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,

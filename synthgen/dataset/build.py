@@ -24,6 +24,7 @@ from synthgen.dataset.plan import ShardPlan, ShardSpec
 from synthgen.dataset.schema import dataset_features
 from synthgen.dataset.writer import STATE_DIR, ShardRow, ShardWriter, atomic_write_text
 from synthgen.errors import OutputFolderError, SynthgenError
+from synthgen.provenance import library_versions
 from synthgen.prompts.base import PromptSampler
 from synthgen.recipe import Recipe
 
@@ -173,18 +174,6 @@ def _claim(folder: Path, spec: ShardSpec) -> Iterator[bool]:
 # --------------------------------------------------------------------------------------------------
 # versions and manifest
 # --------------------------------------------------------------------------------------------------
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for name in ("synthgen", "torch", "diffusers", "transformers", "datasets", "huggingface-hub", "pillow"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
-
-
 def _finalize(build: BuildPlan, writer: ShardWriter, model_info: dict[str, Any]) -> Optional[dict]:
     shards = build.plan.shards()
     if not all(writer.is_done(s) for s in shards):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from synthgen.errors import SynthgenError
+from synthgen.provenance import library_versions
 from synthgen.paths import cache_dir
 from synthgen.recipe import GeneratorConfig
 
@@ -335,18 +336,6 @@ def quiet_loading():
     finally:
         for mod in restore:
             mod.enable_progress_bar()
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "huggingface_hub"):
-        try:
-            out[name] = md.version(name.replace("_", "-"))
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def load_pipeline(cfg: GeneratorConfig, *, xformers: bool = False) -> LoadedPipeline:

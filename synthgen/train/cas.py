@@ -197,7 +197,7 @@ def cas_score(
     ``runs`` (one per scale, or one on the whole synthetic set), the datasets, protocol, seed and
     device. Accuracies are percentages. Every input check happens before any training."""
     from synthgen.paths import cache_dir
-    from synthgen.train.results import environment
+    from synthgen.provenance import environment
 
     protocol = protocol or CASProtocol()
     dev = resolve_device(device)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from synthgen.errors import SynthgenError
 from synthgen.train.optim import optimizer_step
+from synthgen.provenance import library_versions
 from synthgen.train.augment import normalize, random_crop_flip, to_unit_float
 from synthgen.train.config import EvalConfig, ModelSpec, resolve_source
 from synthgen.train.pretrain import (
@@ -50,7 +51,6 @@ from synthgen.train.pretrain import (
     progress_bar,
     resolve_device,
     resolve_normalization,
-    versions,
 )
 
 __all__ = [
@@ -416,7 +416,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         "config": config.model_dump(mode="json"),
         "seed": config.seed,
         "device": device_description(device),
-        "versions": versions(),
+        "versions": library_versions(),
         "elapsed_s": round(time.time() - t0, 2),
     }
 

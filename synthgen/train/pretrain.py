@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn as nn
 import yaml
 
 from synthgen.errors import SynthgenError
+from synthgen.provenance import library_versions
 from synthgen.train.optim import optimizer_step
 from synthgen.train.augment import ContrastiveAugment, normalize, random_crop_flip, to_unit_float
 from synthgen.train.config import (
@@ -57,7 +57,6 @@ __all__ = [
     "resolve_device",
     "resolve_normalization",
     "autocast_context",
-    "versions",
     "CHECKPOINT_NAME",
 ]
 
@@ -114,18 +113,6 @@ def autocast_context(device: torch.device, enabled: bool):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("torchvision", "timm", "datasets", "synthgen"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover
-            out[mod] = "unknown"
-    if torch.cuda.is_available():
-        out["cuda"] = str(torch.version.cuda)
-    return out
 
 
 def device_description(device: torch.device) -> str:
@@ -368,7 +355,7 @@ def pretrain(
             "dataset": ds.source,
             "seed": config.seed,
             "config_hash": config_hash(config),
-            "versions": versions(),
+            "versions": library_versions(),
         }
 
     def save(finished: bool) -> None:
