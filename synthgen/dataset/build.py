@@ -346,11 +346,11 @@ def read_manifest(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_row(folder: str | Path, index: int) -> dict:
+def read_row(folder: str | Path, index: int, manifest: Optional[dict] = None) -> dict:
     """One row of a built dataset, by global index, straight from its shard."""
     import pyarrow.parquet as pq
 
-    manifest = read_manifest(folder)
+    manifest = manifest or read_manifest(folder)
     plan = ShardPlan(manifest["plan"]["total"], manifest["plan"]["per_shard"], manifest["plan"]["split"])
     if not 0 <= index < plan.total:
         raise SynthgenError(f"index {index} out of range: the dataset has {plan.total} rows")
@@ -372,7 +372,7 @@ def regenerate_row(folder: str | Path, index: int, loaded_pipeline: Any = None):
 
     manifest = read_manifest(folder)
     recipe = recipe_from_dict(manifest["recipe"], source=f"{folder}/{MANIFEST}")
-    row = read_row(folder, index)
+    row = read_row(folder, index, manifest)
     if row["settings_hash"] != recipe.settings_hash():
         raise SynthgenError(f"row {index} was made with other settings ({row['settings_hash']})")
     loaded = loaded_pipeline if loaded_pipeline is not None else load_pipeline(recipe.generator)

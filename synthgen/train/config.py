@@ -290,23 +290,23 @@ def _validate(cls, data: dict[str, Any], source: str):
         raise RecipeError(f"{source}: {msg}") from None
 
 
+def _recipe_data(recipe: str | Path | dict[str, Any], overrides: list[str] | None) -> tuple[dict[str, Any], str]:
+    if isinstance(recipe, dict):
+        return apply_overrides(json.loads(json.dumps(recipe)), list(overrides or [])), "recipe"
+    return load_train_recipe(recipe, overrides)
+
+
 def load_pretrain_config(
     recipe: str | Path | dict[str, Any], overrides: list[str] | None = None
 ) -> PretrainConfig:
-    if isinstance(recipe, dict):
-        data, source = apply_overrides(json.loads(json.dumps(recipe)), list(overrides or [])), "recipe"
-    else:
-        data, source = load_train_recipe(recipe, overrides)
+    data, source = _recipe_data(recipe, overrides)
     if "protocol" in data and "objective" not in data:
         raise RecipeError(f"{source} is an evaluation recipe (it has 'protocol'); run it with `synthgen evaluate`")
     return _validate(PretrainConfig, data, source)
 
 
 def load_eval_config(recipe: str | Path | dict[str, Any], overrides: list[str] | None = None) -> EvalConfig:
-    if isinstance(recipe, dict):
-        data, source = apply_overrides(json.loads(json.dumps(recipe)), list(overrides or [])), "recipe"
-    else:
-        data, source = load_train_recipe(recipe, overrides)
+    data, source = _recipe_data(recipe, overrides)
     if "objective" in data and "protocol" not in data:
         raise RecipeError(f"{source} is a pre-training recipe (it has 'objective'); run it with `synthgen pretrain`")
     return _validate(EvalConfig, data, source)
