@@ -237,13 +237,7 @@ def build_dataset(
     # Load the model before creating anything on disk: a bad model id leaves no folder behind.
     loaded = loaded_pipeline if loaded_pipeline is not None else load_pipeline(recipe.generator)
     generator = ImageGenerator(loaded, recipe.generator, recipe.output, recipe.seed)
-    model_info = {
-        "id": recipe.generator.model,
-        "revision": getattr(loaded, "model_revision", None),
-        "scheduler": getattr(loaded, "scheduler_name", None),
-        "device": str(getattr(loaded, "device", "")),
-        "dtype": str(getattr(loaded, "dtype", "")).removeprefix("torch."),
-    }
+    model_info = loaded.provenance()  # model, resolved revision, scheduler, device, dtype
     _prepare_folder(build)
     writer.remove_stray_files()
 
@@ -295,7 +289,7 @@ def _model_info_from_markers(build: BuildPlan, writer: ShardWriter) -> dict[str,
     if existing.is_file():
         with contextlib.suppress(Exception):
             return json.loads(existing.read_text()).get("model", {})
-    return {"id": build.recipe.generator.model}
+    return {"model": build.recipe.generator.model}
 
 
 @contextlib.contextmanager

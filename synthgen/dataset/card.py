@@ -56,7 +56,7 @@ def render_card(manifest: dict[str, Any], features: Features) -> str:
         "",
         f"- Images: {manifest['rows']:,} in {plan['num_shards']} parquet shard(s), split `{plan['split']}`.",
         f"- Prompts: `{recipe['prompts']['kind']}` sampler, recipe seed {recipe['seed']}.",
-        f"- Model: `{gen['model']}` (revision `{model.get('revision') or gen.get('revision') or 'default'}`),"
+        f"- Model: `{gen['model']}` (revision `{model.get('model_revision') or gen.get('revision') or 'default'}`),"
         f" scheduler `{model.get('scheduler') or gen['scheduler']}`, {gen['steps']} steps,"
         f" guidance {gen['guidance_scale']}, generated at {gen['width']}x{gen['height']},"
         f" dtype `{model.get('dtype') or gen['dtype']}`.",
