@@ -182,6 +182,53 @@ def test_kill_9_then_resume(tmp_path, tiny_pipeline_path):
         assert (shard.stat().st_ino, shard.stat().st_mtime_ns) == stamp
 
 
+def test_clean_up_spares_temp_files_of_a_shard_another_process_is_writing(tmp_path):
+    """Regression: a second worker starting on a shared folder deleted the first one's temp files."""
+    from synthgen.dataset.build import _claim, _prepare_folder, _writer, plan_build
+    from synthgen.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
+    build = plan_build(recipe, tmp_path / "ds")
+    writer = _writer(build)
+    _prepare_folder(build, writer)
+    busy, dead = build.plan.shards()[:2]
+    (tmp_path / "ds" / "data").mkdir()
+    (tmp_path / "ds" / ".synthgen" / "done").mkdir()
+    busy_files = [tmp_path / "ds" / "data" / f".tmp-{busy.name}.parquet.111",
+                  tmp_path / "ds" / ".synthgen" / "done" / f".tmp-{busy.name}.json.111"]
+    dead_files = [tmp_path / "ds" / "data" / f".tmp-{dead.name}.parquet.222",
+                  tmp_path / "ds" / ".synthgen" / "done" / f".tmp-{dead.name}.json.222",
+                  tmp_path / "ds" / ".synthgen" / ".tmp-plan.json.333",
+                  tmp_path / "ds" / ".tmp-README.md.333"]
+    for path in busy_files + dead_files:
+        path.write_bytes(b"partial")
+    # flock locks belong to the open file, so this claim excludes the clean-up's own claim.
+    with _claim(build.folder, busy) as held:
+        assert held
+        _prepare_folder(plan_build(recipe, tmp_path / "ds"), writer)
+    assert all(p.exists() for p in busy_files)
+    assert not any(p.exists() for p in dead_files)
+    _prepare_folder(plan_build(recipe, tmp_path / "ds"), writer)  # lock released: a dead writer's
+    assert not any(p.exists() for p in busy_files)
+
+
+def test_worker_starting_while_another_writes_its_plan(tmp_path):
+    """A folder holding only the state directory (a plan being written) is a new build, and the
+    plan is re-checked under the folder lock: another recipe's plan appearing meanwhile is refused."""
+    from synthgen.dataset.build import _prepare_folder, _writer, plan_build
+    from synthgen.errors import OutputFolderError
+    from synthgen.recipe import load_recipe
+
+    out = tmp_path / "ds"
+    (out / ".synthgen").mkdir(parents=True)
+    mine = plan_build(load_recipe(write_recipe(tmp_path / "a.yaml")), out)
+    assert mine.state == "new"
+    other = plan_build(load_recipe(write_recipe(tmp_path / "b.yaml", seed=8)), out)
+    _prepare_folder(other, _writer(other))
+    with pytest.raises(OutputFolderError, match="seed"):
+        _prepare_folder(mine, _writer(mine))
+
+
 def test_dry_run_writes_nothing(tmp_path):
     out = tmp_path / "ds"
     result = run_cli("build", "demo", "--out", str(out), "--dry-run")

@@ -84,6 +84,10 @@ def _inspect_folder(folder: Path, recipe: Recipe, overwrite: bool) -> str:
     if not folder.exists() or not any(folder.iterdir()):
         return "new"
     plan_file = folder / STATE_DIR / PLAN_FILE
+    if not plan_file.exists() and [p.name for p in folder.iterdir()] == [STATE_DIR]:
+        # Another process sharing the folder is writing its plan this instant (or was killed
+        # before it did): _prepare_folder re-checks the plan under the folder lock.
+        return "new"
     if not plan_file.is_file():
         raise OutputFolderError(
             f"output folder {folder} is not empty and holds no synthgen build; choose an empty or new folder"
@@ -133,25 +137,71 @@ def _writer(build: BuildPlan) -> ShardWriter:
     )
 
 
-def _prepare_folder(build: BuildPlan) -> None:
-    folder = build.folder
-    if build.state == "overwrite":
-        for name in OWNED:
-            path = folder / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+FOLDER_LOCK = "folder.lock"
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Serialises folder-wide changes (plan, clean-up, manifest) between processes sharing it.
+
+    The lock file is never deleted, not even by ``--overwrite``: a process that opened a fresh
+    file at the same path would not exclude one holding the old inode.
+    """
     (folder / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    plan_file = folder / STATE_DIR / PLAN_FILE
-    if not plan_file.exists() or build.state == "overwrite":
-        payload = {
-            "recipe": build.recipe.resolved(),
-            "recipe_hash": build.recipe.recipe_hash(),
-            "settings_hash": build.recipe.settings_hash(),
-            "plan": build.plan.to_dict(),
-        }
-        atomic_write_text(plan_file, json.dumps(payload, indent=1))
+    with open(folder / STATE_DIR / FOLDER_LOCK, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_folder(build: BuildPlan, writer: ShardWriter) -> None:
+    """Overwrite if asked, write the plan, and remove temp files no live process is writing."""
+    folder = build.folder
+    with _folder_lock(folder):
+        if build.state == "overwrite":
+            for name in OWNED:
+                path = folder / name
+                if name == STATE_DIR and path.is_dir():
+                    for child in path.iterdir():
+                        if child.name == FOLDER_LOCK:
+                            continue
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+                elif path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        plan_file = folder / STATE_DIR / PLAN_FILE
+        if build.state == "new" and plan_file.exists():
+            # a process sharing the folder wrote its plan after we looked: it must be ours
+            _inspect_folder(folder, build.recipe, overwrite=False)
+        if not plan_file.exists() or build.state == "overwrite":
+            payload = {
+                "recipe": build.recipe.resolved(),
+                "recipe_hash": build.recipe.recipe_hash(),
+                "settings_hash": build.recipe.settings_hash(),
+                "plan": build.plan.to_dict(),
+            }
+            atomic_write_text(plan_file, json.dumps(payload, indent=1))
+        _remove_stray_files(build, writer)
+
+
+def _remove_stray_files(build: BuildPlan, writer: ShardWriter) -> None:
+    # Called under the folder lock, so the folder's own state files are nobody's work in progress.
+    # A shard's temp files may belong to a live process on this folder: touch them only while
+    # holding that shard's lock, which a dead process no longer holds.
+    specs = {spec.name: spec for spec in build.plan.shards()}
+    for shard, paths in writer.stray_files().items():
+        spec = specs.get(shard) if shard is not None else None
+        if shard is None or spec is None:
+            for path in paths:
+                path.unlink(missing_ok=True)
+            continue
+        with _claim(build.folder, spec) as claimed:
+            if claimed:
+                for path in paths:
+                    path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -175,6 +225,11 @@ def _claim(folder: Path, spec: ShardSpec) -> Iterator[bool]:
 # versions and manifest
 # --------------------------------------------------------------------------------------------------
 def _finalize(build: BuildPlan, writer: ShardWriter, model_info: dict[str, Any]) -> Optional[dict]:
+    with _folder_lock(build.folder):
+        return _write_manifest(build, writer, model_info)
+
+
+def _write_manifest(build: BuildPlan, writer: ShardWriter, model_info: dict[str, Any]) -> Optional[dict]:
     shards = build.plan.shards()
     if not all(writer.is_done(s) for s in shards):
         return None
@@ -229,7 +284,7 @@ def build_dataset(
     mine = [s for s in build.todo if s.index % num_workers == worker_index]
     writer = _writer(build)
     if not mine:
-        _prepare_folder(build)
+        _prepare_folder(build, writer)
         manifest = _finalize(build, writer, _model_info_from_markers(build, writer))
         return BuildResult(build.folder, recipe.count, 0, len(build.done), manifest is not None, 0,
                            time.perf_counter() - started, manifest)
@@ -238,8 +293,7 @@ def build_dataset(
     loaded = loaded_pipeline if loaded_pipeline is not None else load_pipeline(recipe.generator)
     generator = ImageGenerator(loaded, recipe.generator, recipe.output, recipe.seed)
     model_info = loaded.provenance()  # model, resolved revision, scheduler, device, dtype
-    _prepare_folder(build)
-    writer.remove_stray_files()
+    _prepare_folder(build, writer)
 
     written = skipped = retries = 0
     batch = recipe.generator.batch_size

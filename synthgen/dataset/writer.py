@@ -123,15 +123,25 @@ class ShardWriter:
     def read_marker(self, spec: ShardSpec) -> dict[str, Any]:
         return json.loads(self.marker_path(spec).read_text())
 
-    def remove_stray_files(self) -> list[Path]:
-        """Delete temp files a killed run left behind (ours all start with ``.tmp-``)."""
-        removed = []
-        for sub in (self.folder, self.folder / "data", self.folder / STATE_DIR, self.markers):
+    def stray_files(self) -> dict[str | None, list[Path]]:
+        """Temp files a killed run may have left (ours all start with ``.tmp-``), by shard name.
+
+        Shard and marker temp files are keyed by their shard's name; the folder's own state files
+        (plan, manifest, card) by ``None``. Another live process may still be writing any of them:
+        the caller removes a shard's files only while holding that shard's lock.
+        """
+        found: dict[str | None, list[Path]] = {}
+        for sub in (self.folder / "data", self.markers):
             if sub.is_dir():
                 for path in sub.glob(f"{TMP_PREFIX}*"):
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
-        return removed
+                    # .tmp-<shard>.parquet.<pid> or .tmp-<shard>.json.<pid>
+                    stem = path.name[len(TMP_PREFIX):].rsplit(".", 1)[0]
+                    shard = stem.removesuffix(".parquet").removesuffix(".json")
+                    found.setdefault(shard, []).append(path)
+        for sub in (self.folder, self.folder / STATE_DIR):
+            if sub.is_dir():
+                found.setdefault(None, []).extend(sub.glob(f"{TMP_PREFIX}*"))
+        return found
 
     # ---------------------------------------------------------------------------------------------
     def to_table(self, rows: Sequence[ShardRow]) -> pa.Table:

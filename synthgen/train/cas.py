@@ -37,7 +37,7 @@ from synthgen.train.classify import TrainConfig, evaluate_classifier, resolve_de
 from synthgen.train.data import ImageTensorDataset, load_image_dataset, split_train_val
 from synthgen.train.models import create_model
 
-__all__ = ["CASProtocol", "cas_score", "match_labels", "results_table", "BASELINE_CACHE_VERSION"]
+__all__ = ["CASProtocol", "cas_score", "train_and_score", "match_labels", "results_table", "BASELINE_CACHE_VERSION"]
 
 BASELINE_CACHE_VERSION = 1
 
@@ -130,7 +130,20 @@ def _load(source, split, revision, image_size, limit, image_column, label_column
     return ds
 
 
-def _run(train_ds, test_ds, label_map, protocol: CASProtocol, seed: int, num_classes: int, device, quiet, console, desc) -> dict:
+def train_and_score(
+    train_ds: ImageTensorDataset,
+    test_ds: ImageTensorDataset,
+    protocol: CASProtocol,
+    seed: int,
+    num_classes: int,
+    device,
+    quiet: bool = True,
+    console=None,
+    desc: str = "train",
+    label_map: torch.Tensor | None = None,
+) -> dict:
+    """One run of ``protocol``: carve the validation split from ``train_ds``, train, score on
+    ``test_ds``. :func:`cas_score` makes two of these (real baseline, synthetic)."""
     t0 = time.perf_counter()
     if protocol.val_fraction > 0:
         fit, val = split_train_val(train_ds, protocol.val_fraction, seed)
@@ -255,7 +268,7 @@ def cas_score(
         except (OSError, ValueError):
             real_run = None
     if real_run is None:
-        real_run = _run(real_train, real_test, None, protocol, seed, num_classes, dev, quiet, console, "real")
+        real_run = train_and_score(real_train, real_test, protocol, seed, num_classes, dev, quiet, console, "real")
         real_run["cached"] = False
         if use_cache:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +281,7 @@ def cas_score(
     for k in scale_list or [None]:
         part = syn if k is None else syn.subset(slice(0, k * n_real))
         desc = "synthetic" if k is None else f"synthetic x{k}"
-        r = _run(part, real_test, None, protocol, seed, num_classes, dev, quiet, console, desc)
+        r = train_and_score(part, real_test, protocol, seed, num_classes, dev, quiet, console, desc)
         r["scale"] = k
         r["n_images"] = len(part)
         runs.append(r)
