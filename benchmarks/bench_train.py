@@ -1,11 +1,12 @@
 """Trainer speed: training throughput (images/s) and the wall time of one CAS run.
 
-1. Throughput of ResNet-20 (CIFAR) and ViT-Tiny (img 32, patch 4): one training step = forward +
+1. Throughput of ResNet-20 (CIFAR; He et al.'s 0.27M net and the 64-filter one of Lomurno et al.'s
+   code, the CAS default) and ViT-Tiny (img 32, patch 4): one training step = forward +
    backward + Adam step on a batch of 256 random uint8 32x32 images indexed from a device tensor and
    normalised on the device (as synthgen.train.classify does); median over timed iterations after
    warm-up. CPU always (fp32); CUDA when present (bf16 autocast, channels_last for ResNet-20).
 2. One CAS run (synthgen.train.cas.cas_score, real baseline NOT cached, so two trainings: real
-   baseline + synthetic). On CUDA: the full Lomurno protocol (ResNet-20, 100 epochs with early
+   baseline + synthetic). On CUDA: the full Lomurno protocol (resnet20_w64, 100 epochs with early
    stopping, batch 256) on CIFAR-10 (50,000 training images; the synthetic set is the real training
    split itself). On CPU: a REDUCED protocol - 1 epoch on the first 5,000 training images (about 4,500 fit
    + 500 validation) for each run, tested on the 5,000 test images.
@@ -86,10 +87,10 @@ def cas_run(cifar: str, device: torch.device) -> dict:
 
     if device.type == "cuda":
         protocol = CASProtocol()
-        label = "full Lomurno protocol: ResNet-20, up to 100 epochs (early stopping 25), batch 256, 50,000 train images (45,000 fit + 5,000 val) per run"
+        label = f"full Lomurno protocol: {protocol.model}, up to 100 epochs (early stopping 25), batch 256, 50,000 train images (45,000 fit + 5,000 val) per run"
     else:
         protocol = CASProtocol(epochs=1, limit_real=5000, limit_synthetic=5000)
-        label = "REDUCED CPU protocol: ResNet-20, 1 epoch, batch 256, first 5,000 train images (about 4,500 fit + 500 val, stratified) per run"
+        label = f"REDUCED CPU protocol: {protocol.model}, 1 epoch, batch 256, first 5,000 train images (about 4,500 fit + 500 val, stratified) per run"
     # warm the decoded-tensor cache first, so the timing is training + evaluation only
     from synthgen.train.data import load_image_dataset
 
@@ -127,6 +128,7 @@ def main() -> None:
     for dev in devices:
         warm, iters = (10, 50) if dev.type == "cuda" else (2, 5)
         rows.append(throughput("resnet20", {}, dev, 256, warm, iters))
+        rows.append(throughput("resnet20_w64", {}, dev, 256, warm, iters))
         rows.append(throughput("vit_tiny", {"patch_size": 4}, dev, 256, warm, iters))
     cas = []
     if not args.no_cas and Path(args.cifar).is_dir():

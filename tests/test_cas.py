@@ -24,7 +24,7 @@ configs:
 ---
 # test synthetic set
 """
-FAST = ["--epochs", "1", "--batch-size", "64", "--limit-real", "300", "--limit-real-test", "200", "--threads", "1", "-q"]
+FAST = ["--model", "resnet20", "--epochs", "1", "--batch-size", "64", "--limit-real", "300", "--limit-real-test", "200", "--threads", "1", "-q"]
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +107,7 @@ def test_cas_cli_end_to_end_with_scales(tmp_path, cifar_rows, capsys):
 def test_real_train_scored_as_synthetic_equals_baseline():
     from synthgen.train.cas import CASProtocol, cas_score
 
-    p = CASProtocol(epochs=1, batch_size=64, limit_real=300, limit_real_test=200, limit_synthetic=300)
+    p = CASProtocol(model="resnet20", epochs=1, batch_size=64, limit_real=300, limit_real_test=200, limit_synthetic=300)
     res = cas_score(str(CIFAR), str(CIFAR), p, seed=5, device="cpu", use_cache=False)
     base, run = res["real_baseline"], res["runs"][0]
     assert run["n_images"] == 300
@@ -118,7 +118,7 @@ def test_real_train_scored_as_synthetic_equals_baseline():
 def test_labels_matched_by_name(tmp_path, cifar_rows):
     from synthgen.train.cas import CASProtocol, cas_score
 
-    p = CASProtocol(epochs=1, batch_size=64, limit_real=300, limit_real_test=200)
+    p = CASProtocol(model="resnet20", epochs=1, batch_size=64, limit_real=300, limit_real_test=200)
     a = cas_score(str(write_folder(tmp_path / "a", cifar_rows, NAMES, n=300)), str(CIFAR), p, seed=1, device="cpu")
     b = cas_score(str(write_folder(tmp_path / "b", cifar_rows, PERMUTED, n=300)), str(CIFAR), p, seed=1, device="cpu")
     assert a["runs"][0]["top1"] == b["runs"][0]["top1"] and a["runs"][0]["test_loss"] == b["runs"][0]["test_loss"]

@@ -40,6 +40,24 @@ def test_resnet20_parameter_count_and_shapes():
     assert feat.num_features == 64 and feat(x).shape == (3, 64) and feat.forward_features_pooled(x).shape == (3, 64)
 
 
+def test_resnet20_w64_matches_lomurno_code():
+    """Their published CIFAR-10 training log records 4,291,530 Keras parameters (BN statistics
+    counted); max-pool shortcuts keep a block's input visible through the downsampling."""
+    import torch.nn.functional as F
+
+    from synthgen.train.models import count_parameters, create_model
+
+    m = create_model("resnet20_w64", 10)
+    running = sum(b.numel() for name, b in m.named_buffers() if "running" in name)
+    assert count_parameters(m) + running == 4_291_530
+    assert m.num_features == 256 and m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    block = m.layer2[0]  # stride 2, 64 -> 128 channels
+    x = torch.randn(1, 64, 8, 8)
+    short = block._shortcut(x)
+    assert short.shape == (1, 128, 4, 4)
+    assert torch.equal(short[:, :64], F.max_pool2d(x, 3, 2, padding=1)) and not short[:, 64:].any()
+
+
 def test_vit_tiny_patch4_at_32px():
     from synthgen.train.models import create_model, extract_features
 

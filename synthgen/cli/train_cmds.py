@@ -61,7 +61,7 @@ def cas(
     label_column: Optional[str] = typer.Option(None, "--label-column", help="Synthetic label column [default: the first ClassLabel]."),
     scales: Optional[str] = typer.Option(None, "--scales", help="Train on the first k x |real train| synthetic images for each k, e.g. 1,2,5 or 1-10."),
     seed: int = typer.Option(0, "--seed"),
-    model: Optional[str] = typer.Option(None, "--model", help="Classifier [protocol: resnet20]; see synthgen.train.models.list_models()."),
+    model: Optional[str] = typer.Option(None, "--model", help="Classifier [protocol: resnet20_w64, the 64-filter ResNet-20 of Lomurno et al.'s code; resnet20 = He et al.'s 0.27M net]; see synthgen.train.models.list_models()."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="[protocol: 100]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[protocol: 256]"),
     lr: Optional[float] = typer.Option(None, "--lr", help="[protocol: 1e-3]"),
@@ -85,9 +85,10 @@ def cas(
     """Classification Accuracy Score: train a classifier on the synthetic set, test it on the real
     test split, next to the same classifier trained on the real training split (cached).
 
-    Protocol defaults = Lomurno et al.: ResNet-20, 100 epochs, Adam 1e-3, label smoothing 0.1,
-    batch 256, ReduceLROnPlateau(10, 0.1), early stopping (25) on a 10% validation split of the
-    training data, no augmentation. Labels are matched by name.
+    Protocol defaults = Lomurno et al.: ResNet-20 (64 initial filters, as in their code), 100
+    epochs, Adam 1e-3, label smoothing 0.1, batch 256, ReduceLROnPlateau(10, 0.1), early stopping
+    (25) on the accuracy of a 10% validation split of the training data, no augmentation. Labels
+    are matched by name.
     """
     from synthgen.train.cas import CASProtocol, cas_score, results_table
     from synthgen.provenance import write_json
