@@ -193,13 +193,9 @@ def _remove_stray_files(build: BuildPlan, writer: ShardWriter) -> None:
     # holding that shard's lock, which a dead process no longer holds.
     specs = {spec.name: spec for spec in build.plan.shards()}
     for shard, paths in writer.stray_files().items():
-        spec = specs.get(shard) if shard is not None else None
-        if shard is None or spec is None:
-            for path in paths:
-                path.unlink(missing_ok=True)
-            continue
-        with _claim(build.folder, spec) as claimed:
-            if claimed:
+        spec = specs.get(shard)  # None for the folder's state files and for unplanned names
+        with _claim(build.folder, spec) if spec is not None else contextlib.nullcontext(True) as free:
+            if free:
                 for path in paths:
                     path.unlink(missing_ok=True)
 

@@ -8,10 +8,10 @@ Default protocol (:class:`CASProtocol`) = Lomurno et al. (CIFAR-10 Table 2): Res
 64-filter width of their code, ``resnet20_w64``), 100 epochs, Adam lr 1e-3, label smoothing 0.1,
 batch 256, ReduceLROnPlateau(patience 10, factor 0.1, min lr 1e-5) and early stopping (patience 25)
 on the validation accuracy, with best weights restored, no augmentation, images at the real set's
-resolution. The validation split is carved (10%,
-stratified, seeded) from the TRAINING data of each run: from the real training split for the
-baseline, from the synthetic images for a synthetic run. The real test split is only ever used
-for the final score (unlike the published code, which tuned on it).
+resolution. The validation split is carved (10%, stratified, seeded) from the TRAINING data of each
+run: from the real training split for the baseline, from the synthetic images for a synthetic run.
+The real test split is only ever used for the final score (unlike the published code, which tuned
+on it).
 
 Labels are matched BY NAME: synthetic class ``"cat"`` is trained as the real class ``"cat"``
 whatever its index (names compared exactly, then case/underscore/hyphen-insensitively); names

@@ -138,27 +138,21 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def _cifar_resnet(depth):
-    def make(num_classes: int, *, image_size: int = 32, pretrained: bool = False, shortcut: str = "A", **kwargs):
+def _cifar_resnet(name: str, depth: int, **defaults):
+    def make(num_classes: int, *, image_size: int = 32, pretrained: bool = False, **kwargs):
         if pretrained:
-            raise SynthgenError(f"resnet{depth} has no pretrained weights")
-        return CifarResNet(depth, num_classes, shortcut=shortcut, **kwargs)
+            raise SynthgenError(f"{name} has no pretrained weights")
+        return CifarResNet(depth, num_classes, **{**defaults, **kwargs})
 
-    return make
+    return register_model(name)(make)
 
 
 for _d in (20, 32, 44, 56, 110):
-    register_model(f"resnet{_d}")(_cifar_resnet(_d))
+    _cifar_resnet(f"resnet{_d}", _d)
 
-
-@register_model("resnet20_w64")
-def _resnet20_w64(num_classes: int, *, image_size: int = 32, pretrained: bool = False, **kwargs):
-    """The ResNet-20 of Lomurno et al.'s published CAS code: 64/128/256 channels (``initial_filters=64``)
-    and max-pool shortcuts; 4,291,530 Keras parameters for 10 classes (BN statistics included)."""
-    if pretrained:
-        raise SynthgenError("resnet20_w64 has no pretrained weights")
-    kwargs.setdefault("shortcut", "maxpool")
-    return CifarResNet(20, num_classes, widths=(64, 128, 256), **kwargs)
+# The ResNet-20 of Lomurno et al.'s published CAS code (initial_filters=64): 4,291,530 Keras
+# parameters for 10 classes, BN statistics included.
+_cifar_resnet("resnet20_w64", 20, widths=(64, 128, 256), shortcut="maxpool")
 
 
 # --------------------------------------------------------------------------------------------------
