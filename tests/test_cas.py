@@ -171,6 +171,7 @@ def test_bad_inputs_fail_before_training(tmp_path, cifar_rows, capsys, monkeypat
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     _expect_error(["cas", "nobody-xyz/no-such-set", "--revision", "v9.9.9", *real], capsys, monkeypatch, "cannot load dataset nobody-xyz/no-such-set at revision 'v9.9.9'")
     _expect_error(["cas", str(good), "--revision", "v1.0.0", *real], capsys, monkeypatch, "revision")
+    _expect_error(["cas", str(good), "--compile", "fastest", *real], capsys, monkeypatch, "bad CAS option compile: .*compile must be auto, off")
     rc, out, err = run_cli(["cas", str(good), "--real", str(CIFAR), "--scales", "x", *FAST], capsys)
     assert rc == 1 and "error: --scales" in err
 

@@ -184,3 +184,36 @@ def test_classifier_is_deterministic_and_learns(one_thread):
     # the restored weights are those of the best validation epoch
     best = min(r1.history, key=lambda h: h["val_loss"])
     assert abs(e1["loss"] - best["val_loss"]) < 1e-4 and r1.best_epoch == best["epoch"]
+
+
+def test_compile_modes_resolve_per_device_and_reject_unknown_names():
+    from synthgen.train.cas import CASProtocol
+    from synthgen.train.classify import compile_mode
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # the CAS default: CUDA graphs on a GPU (a launch-bound ResNet-20 step halves there), none on a CPU
+    assert CASProtocol().compile == "auto"
+    assert compile_mode("auto", cuda) == "reduce-overhead" and compile_mode("auto", cpu) is None
+    assert [compile_mode(v, cpu) for v in (False, "off", None, True, "default", "max-autotune")] == [
+        None, None, None, "default", "default", "max-autotune"]
+    with pytest.raises(SynthgenError, match="compile must be auto, off, default, reduce-overhead"):
+        compile_mode("fastest", cpu)
+    with pytest.raises(ValueError, match="compile must be"):
+        CASProtocol(compile="fastest")
+
+
+@needs_cifar
+def test_auto_compile_leaves_cpu_training_eager(monkeypatch, one_thread):
+    """compile="auto" (the CAS default) must not pay a torch.compile on a CPU."""
+    from synthgen.train.classify import TrainConfig, train_classifier
+    from synthgen.train.data import load_image_dataset, split_train_val
+    from synthgen.train.models import create_model
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile called on CPU")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    tr, va = split_train_val(load_image_dataset(str(CIFAR), "train", limit=120), 0.2, seed=0)
+    r = train_classifier(create_model("resnet20", 10), tr, va, TrainConfig(epochs=1, batch_size=32, compile="auto"),
+                         device="cpu", quiet=True)
+    assert r.epochs_run == 1 and r.device == "cpu"

@@ -76,6 +76,7 @@ def cas(
     limit_real_test: Optional[int] = typer.Option(None, "--limit-real-test", help="Use the first N real test images."),
     limit_synthetic: Optional[int] = typer.Option(None, "--limit-synthetic", help="Use the first N synthetic images."),
     amp: Optional[str] = typer.Option(None, "--amp", help="auto, bf16, fp16 or off [protocol: auto = bf16 on CUDA]."),
+    compile: Optional[str] = typer.Option(None, "--compile", help="torch.compile mode: auto, off, default, reduce-overhead (CUDA graphs), max-autotune [protocol: auto = reduce-overhead on CUDA, off on CPU]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ... [default: auto]."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch [default: torch's]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result JSON [default: <synthetic folder>/cas/cas-<real>-seed<seed>.json, else ./]."),
@@ -98,6 +99,7 @@ def cas(
         "label_smoothing": label_smoothing, "val_fraction": val_fraction, "plateau_patience": plateau_patience,
         "early_stopping_patience": early_stopping_patience, "augment": augment, "image_size": image_size,
         "limit_real": limit_real, "limit_real_test": limit_real_test, "limit_synthetic": limit_synthetic, "amp": amp,
+        "compile": compile,
     }
     try:
         protocol = CASProtocol(**{k: v for k, v in overrides.items() if v is not None})
