@@ -32,50 +32,7 @@ sys.path.insert(0, str(ROOT))
 from synthgen.provenance import environment, write_json  # noqa: E402
 from synthgen.train.cas import CASProtocol, train_and_score  # noqa: E402
 from synthgen.train.classify import resolve_device  # noqa: E402
-from synthgen.train.data import ImageTensorDataset, _decode_one, load_image_dataset  # noqa: E402
-
-
-def load_parquet_split(folder: str, split: str) -> ImageTensorDataset:
-    """The same tensors as load_image_dataset, read with pyarrow + PIL alone (no `datasets`).
-
-    For machines where `datasets` cannot be imported (the GPU machine lacks it; its pyarrow or fsspec
-    may not suit the carried wheel). Files data/<split>-*.parquet in name order, the Image and
-    ClassLabel columns named by the parquet's Hugging Face features metadata.
-    """
-    import json
-
-    import pyarrow.parquet as pq
-
-    files = sorted(Path(folder).glob(f"data/{split}-*.parquet"))
-    if not files:
-        raise SystemExit(f"{folder}: no data/{split}-*.parquet")
-    feats = json.loads(pq.read_schema(files[0]).metadata[b"huggingface"])["info"]["features"]
-    img_col = next(k for k, f in feats.items() if f.get("_type") == "Image")
-    lab_col = next(k for k, f in feats.items() if f.get("_type") == "ClassLabel")
-    cells, labels = [], []
-    for f in files:
-        table = pq.read_table(f, columns=[img_col, lab_col])
-        cells += table.column(img_col).to_pylist()
-        labels += table.column(lab_col).to_pylist()
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        arrays = list(pool.map(lambda c: _decode_one(c, None, None), cells, chunksize=512))
-    images = torch.from_numpy(__import__("numpy").stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageTensorDataset(images=images, labels=torch.tensor(labels, dtype=torch.long),
-                              class_names=list(feats[lab_col]["names"]),
-                              source={"id": str(Path(folder).resolve()), "split": split, "loader": "pyarrow"})
-
-
-def load_split(folder: str, split: str, loader: str) -> tuple[ImageTensorDataset, str]:
-    if loader in ("auto", "datasets"):
-        try:
-            return load_image_dataset(folder, split), "datasets"
-        except ImportError as exc:  # `datasets` or one of its needs missing / too old
-            if loader == "datasets":
-                raise
-            print(f"datasets unusable here ({type(exc).__name__}: {exc}); reading the parquet with pyarrow", flush=True)
-    return load_parquet_split(folder, split), "pyarrow"
+from synthgen.train.data import load_image_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -86,8 +43,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a CASProtocol field (model=resnet20, monitor=val_loss, ...)")
-    ap.add_argument("--loader", choices=["auto", "datasets", "pyarrow"], default="auto",
-                    help="auto: datasets.load_dataset, or pyarrow + PIL where datasets cannot be imported")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -97,8 +52,8 @@ def main() -> None:
     protocol = CASProtocol(**overrides)  # pydantic converts the strings
 
     t = time.perf_counter()
-    train, loader = load_split(args.cifar, "train", args.loader)
-    test, _ = load_split(args.cifar, "test", loader)
+    train = load_image_dataset(args.cifar, "train")
+    test = load_image_dataset(args.cifar, "test")
     load_s = time.perf_counter() - t
     print(f"loaded {len(train)} train / {len(test)} test images in {load_s:.1f}s; device {device}", flush=True)
 
@@ -119,7 +74,6 @@ def main() -> None:
         "protocol": protocol.model_dump(),
         "seed": args.seed,
         "goal": {"top1_at_least": 82.0, "gpu_wall_s_under": 180},
-        "loader": loader,
         "decode_and_load_s": round(load_s, 2),
         "wall_s": round(wall, 2),
         "run": run,

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from synthgen.train.classify import autocast_dtype  # noqa: E402
 from synthgen.train.data import to_float  # noqa: E402
 from synthgen.train.models import count_parameters, create_model  # noqa: E402
+from synthgen.train.optim import build_optimizer  # noqa: E402
 from synthgen.provenance import environment, write_json  # noqa: E402
 
 
@@ -51,8 +52,7 @@ def throughput(name: str, kwargs: dict, device: torch.device, batch: int, warmup
     if channels_last:
         model.to(memory_format=torch.channels_last)
     amp = autocast_dtype("auto", device)
-    # as synthgen.train.classify: fused Adam on CUDA
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
+    opt = build_optimizer(model.parameters(), "adam", lr=1e-3)  # the trainer's (fused on CUDA)
     step_model = torch.compile(model, mode=compile) if compile else model
     data = torch.randint(0, 256, (batch * 4, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch * 4,), device=device)

@@ -30,7 +30,7 @@ for p in ("pyarrow", "fsspec", "huggingface-hub", "timm", "numpy", "pillow"):
 try:
     import datasets
     print("datasets", datasets.__version__)
-except Exception as exc:  # bench_cas_baseline falls back to pyarrow + PIL
+except Exception as exc:  # say why before the benchmarks fail on it
     print("datasets NOT importable:", type(exc).__name__, exc)
 EOF
 echo "== 1. throughput, $(left)s left"

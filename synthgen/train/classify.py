@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synthgen.errors import SynthgenError
-from synthgen.train.optim import optimizer_step
+from synthgen.train.optim import build_optimizer, optimizer_step
 from synthgen.train.data import ImageTensorDataset, channel_stats, to_float
 
 __all__ = [
@@ -201,23 +201,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tenso
     return xp.gather(3, cols)
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    name = cfg.optimizer.lower()
-    # On CUDA the fused kernels update every parameter in one launch (same update rule); the
-    # per-tensor launches of the default path are a visible share of a small network's step.
-    fused = {"fused": True} if params and params[0].is_cuda else {}
-    if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused)
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused
-        )
-    raise SynthgenError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw or sgd")
-
-
 @torch.inference_mode()
 def _evaluate_batches(model, data: _Batches, batch_size: int, amp_dtype, channels_last: bool, num_classes: int | None) -> dict:
     model.eval()
@@ -305,7 +288,10 @@ def train_classifier(
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     tr = _Batches(train, dev, mean, std, cfg.max_gpu_fraction, label_map)
     va = _Batches(val, dev, mean, std, cfg.max_gpu_fraction, label_map) if val is not None and len(val) else None
-    opt = _make_optimizer(model, cfg)
+    opt = build_optimizer(
+        [p for p in model.parameters() if p.requires_grad], cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
+        weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    )
     direction = "min" if cfg.monitor == "val_loss" else "max"
     sched = None
     if va is not None and cfg.plateau_patience is not None:

@@ -37,7 +37,7 @@ import yaml
 
 from synthgen.errors import SynthgenError
 from synthgen.provenance import library_versions
-from synthgen.train.optim import optimizer_step
+from synthgen.train.optim import build_optimizer, optimizer_step
 from synthgen.train.augment import ContrastiveAugment, normalize, random_crop_flip, to_unit_float
 from synthgen.train.config import (
     PretrainConfig,
@@ -166,11 +166,11 @@ def _lr_lambda(total_steps: int, warmup: int, kind: str):
 
 
 def make_optimizer(spec, params) -> torch.optim.Optimizer:
-    if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
-    if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.momentum > 0)
+    """The optimizer an :class:`OptimizerSpec` describes (SGD uses Nesterov momentum when any)."""
+    return build_optimizer(
+        params, spec.name, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
+        momentum=spec.momentum, nesterov=spec.momentum > 0,
+    )
 
 
 def make_scheduler(optimizer, total_steps: int, warmup: int, kind: str):
