@@ -7,6 +7,9 @@
   rebuilding; ``StableDiffusionPipeline.from_pretrained(tiny_pipeline_path)`` works too.
 * ``tiny_generator_config``: a fast ``GeneratorConfig`` for the tiny pipeline (64x64, 4 DDIM steps,
   guidance 2, batch 4); a fresh object per test, change it with ``model_copy(update=...)``.
+* ``one_torch_thread`` (module): torch on one thread while the module's tests run; use it with
+  ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``. Tiny models gain nothing from
+  threads, and with 2 threads on shared cores OpenMP spin-waiting slows them down many times.
 """
 
 from __future__ import annotations
@@ -48,3 +51,13 @@ def tiny_generator_config(tiny_pipeline_path):
         device="cpu",
         max_retries=3,
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
