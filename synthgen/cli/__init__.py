@@ -24,6 +24,7 @@ app = typer.Typer(
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from synthgen.cli import dataset_cmds  # noqa: F401
+    from synthgen.cli import hub_cmds  # noqa: F401
 
     from synthgen.cli import pretrain_cmds, train_cmds  # noqa: F401
 
