@@ -119,7 +119,8 @@ class GeneratorConfig(_Strict):
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     max_retries: int = Field(3, ge=0, le=100)  # regenerations of black / non-finite images
     attention_slicing: bool = False
-    # torch.compile the UNet and the VAE decoder (once per shape); auto: on CUDA only
+    # torch.compile the UNet and the VAE decoder (batch dimension dynamic: one compile per image
+    # size); auto: on CUDA only
     compile: Union[bool, Literal["auto"]] = "auto"
 
     # --- GPU speed (issue 10; benchmarks/bench_sd.py measures each one's speed and pixel effect).
