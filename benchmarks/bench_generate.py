@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
+    parser.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                        help="torch.compile the UNet and VAE decoder (auto: on CUDA)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
@@ -47,7 +48,7 @@ def main() -> None:
     base = GeneratorConfig(
         model=args.model, scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance,
         height=args.size, width=args.size, dtype=args.dtype, device=args.device,
-        batch_size=max(batch_sizes), compile=args.compile,
+        batch_size=max(batch_sizes), compile={"true": True, "false": False}.get(args.compile, "auto"),
     )
     output = OutputConfig(image_size=args.stored_size)
     loaded = load_pipeline(base)

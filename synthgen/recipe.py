@@ -114,12 +114,26 @@ class GeneratorConfig(_Strict):
     negative_prompt: Optional[str] = None
     height: int = Field(512, ge=8, le=4096)
     width: int = Field(512, ge=8, le=4096)
-    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"  # auto: fp16 on CUDA, else fp32
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"  # auto: bf16 on CUDA (else fp16), fp32 elsewhere
     batch_size: int = Field(8, ge=1, le=4096)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     max_retries: int = Field(3, ge=0, le=100)  # regenerations of black / non-finite images
     attention_slicing: bool = False
-    compile: bool = False  # torch.compile the UNet (GPU speed-up)
+    # torch.compile the UNet and the VAE decoder (batch dimension dynamic: one compile per image
+    # size); auto: on CUDA only
+    compile: Union[bool, Literal["auto"]] = "auto"
+
+    # --- GPU speed (issue 10; benchmarks/bench_sd.py measures each one's speed and pixel effect).
+    # "auto" means on for CUDA devices and off elsewhere: on a CPU these do not help, or cost time.
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers: needs CUDA and a build matching torch
+    channels_last: Union[bool, Literal["auto"]] = "auto"  # UNet and VAE weights/activations in NHWC
+    fuse_qkv: Union[bool, Literal["auto"]] = "auto"  # one matmul for attention's Q, K, V (diffusers)
+    # images per VAE decode call; auto: as many as half the free GPU memory holds (CPU: the batch)
+    vae_decode_chunk: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"
+    prompt_cache: int = Field(1024, ge=0)  # text embeddings of this many distinct prompts kept; 0: none
+    # DeepCache step caching: the UNet's deep blocks run every Nth step only and are reused in
+    # between (changes pixels: an approximation); 1 = off
+    step_cache_interval: int = Field(1, ge=1, le=100)
 
     @field_validator("scheduler")
     @classmethod
@@ -182,6 +196,11 @@ class Recipe(_Strict):
             "height": gen.height,
             "width": gen.width,
             "dtype": gen.dtype,
+            "compile": gen.compile,
+            "attention": gen.attention,
+            "channels_last": gen.channels_last,
+            "fuse_qkv": gen.fuse_qkv,
+            "step_cache_interval": gen.step_cache_interval,
             "image_size": out.image_size,
             "resize_filter": out.resize_filter,
             "image_format": out.image_format,

@@ -250,7 +250,8 @@ class ContentSafetyChecker(torch.nn.Module):
     """Has the StableDiffusionSafetyChecker call signature: ``(images, clip_input) -> (images, flags)``.
 
     Like the real one, it blacks out what it flags. It flags every image when ``always``, else the
-    images that match one of ``banned`` (float HWC arrays in [0, 1]): the content of chosen seeds.
+    images within one uint8 level of one of ``banned`` (float HWC arrays in [0, 1]): the content of
+    chosen seeds.
     """
 
     def __init__(self, banned=(), always=False):
@@ -275,7 +276,7 @@ class ContentSafetyChecker(torch.nn.Module):
         decoded = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
         flags = []
         for i in range(len(images)):
-            hit = self.always or any((decoded[i] - b).abs().max() < 2e-3 for b in self.banned)
+            hit = self.always or any((decoded[i] - b).abs().max() <= 1 / 255 for b in self.banned)
             if hit:
                 images[i] = torch.zeros_like(images[i])
             flags.append(bool(hit))
@@ -298,9 +299,9 @@ def test_flagged_image_is_regenerated_with_next_attempt_seed(loaded, tiny_genera
     plain = make_generator(loaded, cfg)
     target = 11
     first_seed = image_seed(SEED, target, 0)
-    banned, _ = plain.run_pipeline(["a photo of a 11"], [first_seed])
+    banned, _ = plain.run_pipeline(["a photo of a 11"], [first_seed])  # uint8 pixels
 
-    checker = ContentSafetyChecker(banned=[banned[0]])
+    checker = ContentSafetyChecker(banned=[banned[0] / 255.0])
     gen = make_generator(with_checker(cfg, checker), cfg)
     out = gen.generate(records([10, 11, 12]))
     assert checker.calls == 2  # the batch, then the one regeneration
@@ -330,3 +331,240 @@ def test_always_rejected_image_raises_after_max_retries(tiny_generator_config):
     assert "image 5" in msg and "3 attempt" in msg and "max_retries=2" in msg and "\n" not in msg
     assert checker.calls == 3
     assert gen.counters()["failed"] == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# the GPU path's settings, checked on CPU (benchmarks/bench_sd.py measures them on a GPU)
+# -------------------------------------------------------------------------------------------------
+SPEED_PROMPTS = ["a photo of a cat", "a red dog", "a photo of a cat", "a bird"]  # one repeated
+
+
+def speed_seeds():
+    return [image_seed(SEED, i) for i in range(len(SPEED_PROMPTS))]
+
+
+def engine_pixels(cfg, **update):
+    """uint8 pixels of SPEED_PROMPTS through load_pipeline + ImageGenerator with ``update`` applied."""
+    cfg = cfg.model_copy(update=update)
+    gen = make_generator(load_pipeline(cfg), cfg)
+    arrays, reasons = gen.run_pipeline(SPEED_PROMPTS, speed_seeds())
+    assert reasons == [None] * len(SPEED_PROMPTS)
+    return arrays.astype(np.int16), gen
+
+
+def plain_pixels(pipe, cfg, negative_prompt=None):
+    """What a user's own diffusers call gives for the same prompts and seeds."""
+    out = pipe(
+        prompt=SPEED_PROMPTS, negative_prompt=None if negative_prompt is None else [negative_prompt] * 4,
+        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+        generator=[torch.Generator().manual_seed(s) for s in speed_seeds()], output_type="np",
+    )
+    return (np.clip(out.images, 0, 1) * 255).round().astype(np.int16)
+
+
+def assert_within_rounding(a, b):
+    """The batch-position bound of this file's docstring: a kernel choice, not another image."""
+    diff = np.abs(a - b)
+    assert diff.max() <= BATCH_POSITION_MAX_LEVELS, diff.max()
+    assert diff.mean() < 0.01, diff.mean()
+
+
+def test_engine_path_gives_the_plain_diffusers_pixels(loaded, tiny_generator_config):
+    """Cached prompt embeddings, latents decoded by synthgen, uint8 on the device: same pixels."""
+    cfg = tiny_generator_config
+    got, gen = engine_pixels(cfg)
+    assert gen.latent_path
+    assert np.array_equal(got, plain_pixels(loaded.pipe, cfg))
+    # a negative prompt goes through the embedding cache too
+    neg, _ = engine_pixels(cfg, negative_prompt="blurry")
+    assert np.array_equal(neg, plain_pixels(loaded.pipe, cfg, negative_prompt="blurry"))
+    assert np.abs(neg - got).mean() > 0.1  # and it is used (the tiny model barely reads text)
+
+
+def test_prompt_embeddings_are_computed_once_per_distinct_prompt(tiny_generator_config):
+    cfg = tiny_generator_config
+    cached, gen = engine_pixels(cfg)
+    assert gen.embeddings.encoded == 4  # three distinct prompts and the empty negative prompt
+    gen.run_pipeline(SPEED_PROMPTS[:2], speed_seeds()[:2])
+    assert gen.embeddings.encoded == 4  # all kept
+    uncached, plain = engine_pixels(cfg, prompt_cache=0)
+    assert plain.embeddings.encoded == 8 and not plain.embeddings.kept
+    assert np.array_equal(cached, uncached)
+    # least recently used prompts leave first; a batch's own prompts always stay
+    small, few = engine_pixels(cfg, prompt_cache=2)
+    assert np.array_equal(small, cached)
+    assert list(few.embeddings.kept) == ["a bird", ""]  # the negative prompt was encoded last
+    encoded = few.embeddings.encoded
+    few.embeddings(["a red dog"])
+    assert few.embeddings.encoded == encoded + 1 and list(few.embeddings.kept) == ["", "a red dog"]
+
+
+def test_chunked_vae_decode_is_within_rounding(tiny_generator_config):
+    whole, gen = engine_pixels(tiny_generator_config)
+    one, _ = engine_pixels(tiny_generator_config, vae_decode_chunk=1)
+    assert_within_rounding(one, whole)
+    latents = torch.zeros(5, 4, 16, 16)
+    assert gen.decoder.chunk_size(latents) == 5  # auto on a CPU: the whole batch
+    gen.decoder.chunk = 2
+    assert gen.decoder.chunk_size(latents) == 2
+    parts = []
+    real_vae = gen.decoder._vae
+    gen.decoder._vae = lambda z, eager=False: parts.append(len(z)) or real_vae(z, eager=eager)
+    images, flags = gen.decoder(torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
+    assert parts == [2, 2, 1] and images.shape == (5, 3, 64, 64) and images.dtype == torch.float32
+    assert flags is None and 0 <= images.min() and images.max() <= 1
+
+
+def test_channels_last_and_fused_qkv_are_within_rounding(tiny_generator_config):
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    base, gen = engine_pixels(tiny_generator_config)
+    assert not gen.loaded.channels_last and not gen.loaded.fused_qkv  # auto: off on a CPU
+    for update in ({"channels_last": True}, {"fuse_qkv": True}, {"channels_last": True, "fuse_qkv": True}):
+        got, gen = engine_pixels(tiny_generator_config, **update)
+        assert_within_rounding(got, base)
+        info = gen.loaded.provenance()
+        assert info["channels_last"] == update.get("channels_last", False)
+        assert info["fused_qkv"] == update.get("fuse_qkv", False)
+    unet = gen.loaded.pipe.unet
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert {type(p) for p in unet.attn_processors.values()} == {FusedAttnProcessor2_0}
+
+
+def test_auto_settings_mean_cuda_only(loaded):
+    from synthgen.generate.accel import enabled
+
+    assert enabled("auto", "cuda") and enabled("auto", "cuda:1") and not enabled("auto", "cpu")
+    assert enabled(True, "cpu") and not enabled(False, "cuda")
+    info = loaded.provenance()
+    assert info["attention"] == "sdpa" and info["compiled"] is False and info["compiled_modules"] == []
+    assert info["fused_qkv"] is False and info["channels_last"] is False and info["step_cache_interval"] == 1
+    assert info["vae_decode_chunk"] == "auto" and info["prompt_cache"] == 1024
+
+
+def test_classifier_free_guidance_is_one_batched_unet_call(loaded, tiny_generator_config):
+    batches = []
+    handle = loaded.pipe.unet.register_forward_pre_hook(lambda m, args: batches.append(len(args[0])))
+    try:
+        make_generator(loaded, tiny_generator_config).run_pipeline(SPEED_PROMPTS[:3], speed_seeds()[:3])
+    finally:
+        handle.remove()
+    assert batches == [6] * tiny_generator_config.steps  # conditional + unconditional halves together
+
+
+def test_step_cache_runs_deep_blocks_every_nth_step_only(tiny_generator_config):
+    from synthgen.generate.stepcache import deep_blocks
+
+    cfg = tiny_generator_config.model_copy(update={"steps": 5})
+    base, _ = engine_pixels(cfg)
+    cached, gen = engine_pixels(cfg, step_cache_interval=2)
+    assert gen.loaded.provenance()["step_cache_interval"] == 2
+    unet = gen.loaded.pipe.unet
+    # count block bodies run: a layer inside a block runs only when the block's body does
+    inner = {"shallow": unet.down_blocks[0].resnets[0], **{f"deep{i}": b.resnets[0] for i, b in enumerate(deep_blocks(unet))}}
+    calls = dict.fromkeys(inner, 0)
+    hooks = [m.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1)) for k, m in inner.items()]
+    try:
+        again, _ = gen.run_pipeline(SPEED_PROMPTS, speed_seeds())
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"shallow": 5, **{k: 3 for k in inner if k != "shallow"}}  # steps 0, 2, 4 in full
+    assert np.array_equal(again.astype(np.int16), cached)  # the cache is reset between calls
+    diff = np.abs(cached - base)
+    assert diff.mean() > 0.01  # an approximation: it changes pixels ...
+    assert np.isfinite(diff).all() and diff.max() < 128  # ... but not into another image
+
+
+def test_speed_settings_are_in_the_settings_hash():
+    from synthgen.recipe import recipe_from_dict
+
+    data = {"name": "x", "count": 1, "prompts": {"kind": "wordnet", "classes": "cifar10"},
+            "generator": {"model": "builtin:tiny-sd"}}
+    base = recipe_from_dict(data)
+    assert {"compile", "attention", "channels_last", "fuse_qkv", "step_cache_interval"} <= set(
+        base.generation_settings()
+    )
+    for key, value in [("compile", True), ("attention", "xformers"), ("channels_last", False),
+                       ("fuse_qkv", False), ("step_cache_interval", 3), ("dtype", "float16")]:
+        changed = recipe_from_dict({**data, "generator": {**data["generator"], key: value}})
+        assert changed.settings_hash() != base.settings_hash(), key
+
+
+def test_speed_settings_validate_with_one_line():
+    from synthgen.errors import RecipeError
+    from synthgen.recipe import recipe_from_dict
+
+    data = {"name": "x", "count": 1, "prompts": {"kind": "wordnet", "classes": "cifar10"}}
+    for gen, key in [({"attention": "flash"}, "generator.attention"), ({"vae_decode_chunk": 0}, "generator.vae_decode_chunk"),
+                     ({"step_cache_interval": 0}, "generator.step_cache_interval"), ({"compile": "sometimes"}, "generator.compile")]:
+        with pytest.raises(RecipeError, match=key):
+            recipe_from_dict({**data, "generator": {"model": "m", **gen}})
+    ok = recipe_from_dict({**data, "generator": {"model": "m", "compile": "auto", "vae_decode_chunk": 8, "fuse_qkv": True}})
+    assert ok.generator.vae_decode_chunk == 8 and ok.generator.fuse_qkv is True
+
+
+def test_xformers_unusable_is_one_line(tiny_generator_config):
+    with pytest.raises(SynthgenError) as info:
+        load_pipeline(tiny_generator_config.model_copy(update={"attention": "xformers"}))
+    msg = str(info.value)
+    assert "\n" not in msg and "attention: xformers" in msg and "use attention: sdpa" in msg
+
+
+def test_fused_qkv_needs_plain_sdpa(tiny_generator_config):
+    sliced = tiny_generator_config.model_copy(update={"attention_slicing": True})
+    assert load_pipeline(sliced).fused_qkv is False  # auto: not with slicing
+    with pytest.raises(SynthgenError, match="fuse_qkv needs attention: sdpa"):
+        load_pipeline(sliced.model_copy(update={"fuse_qkv": True}))
+
+
+def test_rejection_statistics_on_the_device_follow_the_rule():
+    from synthgen.generate.decode import rejection_stats, to_uint8
+    from synthgen.generate.generator import _reason
+
+    images = torch.full((4, 3, 4, 4), 0.5)
+    images[1] = 0
+    images[2] = 0
+    images[2, 0, 0, 0] = 2 / 255  # dark, not black
+    images[3, 1, 2, 0] = float("nan")
+    finite, largest = rejection_stats(images)
+    reasons = [_reason(f, m, False) for f, m in zip(finite, largest)]
+    hwc = images.permute(0, 2, 3, 1).numpy()
+    assert reasons == [rejection_reason(a) for a in hwc] == [None, "black image", None, "non-finite values"]
+    pixels = to_uint8(images[:3])
+    assert pixels.dtype == np.uint8 and pixels.shape == (3, 4, 4, 3)
+    assert pixels[0].max() == 128 and pixels[2, 0, 0, 0] == 2  # round(0.5 * 255) = 128 (half to even: 127.5)
+
+
+def test_sd15_architecture_matches_the_published_checkpoint():
+    from synthgen.generate.sd15 import PARAMETERS, image_flops, model_flops, sd15_components
+
+    parts = sd15_components("meta")
+    for name, count in PARAMETERS.items():
+        assert sum(p.numel() for p in parts[name].parameters()) == count, name
+    flops = model_flops(parts, 512, 512)
+    assert 0.79e12 < flops["unet"] < 0.81e12 and 2.45e12 < flops["vae_decode"] < 2.55e12
+    assert 0.010e12 < flops["text_encoder"] < 0.015e12
+    assert 82e12 < image_flops(flops, 50) < 84e12 and 42e12 < image_flops(flops, 25) < 44e12
+
+
+def test_compile_serves_every_batch_size_with_one_graph(loaded):
+    """The UNet and VAE decoder are compiled with a dynamic batch dimension: one compile, any batch."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounter
+
+    from synthgen.generate.accel import compile_with_dynamic_batch
+
+    torch._dynamo.reset()
+    unet, decoder = copy.deepcopy(loaded.pipe.unet), copy.deepcopy(loaded.pipe.vae.decoder)
+    inputs = {b: (torch.randn(b, 4, 16, 16), torch.randn(b, 77, 32)) for b in (2, 3, 5)}
+    eager = {b: (unet(x, 10, encoder_hidden_states=c).sample, decoder(x)) for b, (x, c) in inputs.items()}
+    counters = CompileCounter(), CompileCounter()
+    compile_with_dynamic_batch(unet, backend=counters[0])  # the eager backend of dynamo's tests: counts graphs
+    compile_with_dynamic_batch(decoder, backend=counters[1])
+    for b, (x, c) in inputs.items():
+        assert torch.equal(unet(x, 10, encoder_hidden_states=c).sample, eager[b][0])
+        assert torch.equal(decoder(x), eager[b][1])
+    assert [c.frame_count for c in counters] == [1, 1]
+    torch._dynamo.reset()

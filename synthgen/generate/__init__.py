@@ -6,7 +6,11 @@
   RGB image, the seed used, retries), and ``generate_one(prompt, seed)`` to regenerate a row;
 * :func:`build_tiny_pipeline` / :func:`builtin_model_path` (``tiny.py``) -- ``builtin:tiny-sd``, a
   tiny random-weight Stable Diffusion built from configs for demos and tests;
-* :func:`image_seed` (``seeds.py``) -- per-image seeds.
+* :func:`image_seed` (``seeds.py``) -- per-image seeds;
+* the GPU path: ``accel.py`` (attention, fused QKV, channels-last, ``torch.compile``),
+  ``embeddings.py`` (text embeddings once per prompt), ``decode.py`` (chunked VAE decode, uint8 on
+  the device), ``stepcache.py`` (opt-in DeepCache), ``sd15.py`` (SD 1.5's architecture, random
+  weights, for benchmarks).
 
 Names are imported lazily so ``import synthgen.generate`` does not import torch or diffusers.
 """
@@ -17,6 +21,7 @@ from synthgen.generate.seeds import image_seed
 
 _LAZY = {
     "load_pipeline": "synthgen.generate.pipeline",
+    "prepare_pipeline": "synthgen.generate.pipeline",
     "LoadedPipeline": "synthgen.generate.pipeline",
     "SCHEDULER_CLASSES": "synthgen.generate.pipeline",
     "ImageGenerator": "synthgen.generate.generator",

@@ -22,6 +22,11 @@ rejected after that raises :class:`SynthgenError` naming its index.
 
 Regeneration. A stored row's ``(prompt, seed)`` plus the recipe's generation settings reproduce its
 pixels: :meth:`ImageGenerator.generate_one` runs exactly the same call for one image.
+
+The call. For Stable Diffusion pipelines the text embeddings come from a per-prompt cache
+(``embeddings.py``), the pipeline returns latents, and ``decode.py`` decodes them in chunks, runs
+the safety checker, computes the rejection statistics and converts to uint8 on the device. On a
+CPU in float32 this gives the same pixels as the pipeline's own ``output_type="np"`` call (tested).
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ import numpy as np
 from PIL import Image
 
 from synthgen.errors import SynthgenError
+from synthgen.generate.decode import LatentDecoder, rejection_stats, to_uint8
+from synthgen.generate.embeddings import PromptEmbeddings
 from synthgen.generate.pipeline import LoadedPipeline
+from synthgen.generate.stepcache import reset_step_cache
 from synthgen.generate.seeds import image_seed
 from synthgen.prompts.base import PromptRecord
 from synthgen.recipe import GeneratorConfig, OutputConfig
@@ -91,19 +99,27 @@ class GenerationStats:
 
 def rejection_reason(array: np.ndarray, nsfw: bool = False) -> Optional[str]:
     """Why a float image (H, W, C in [0, 1]) must not be stored, or None if it is fine."""
-    if not np.isfinite(array).all():
+    finite = bool(np.isfinite(array).all())
+    return _reason(finite, float(array.max()) if finite and array.size else None, nsfw)
+
+
+def _reason(finite: bool, largest: Optional[float], nsfw: bool) -> Optional[str]:
+    """The rejection rule (module doc) on an image's statistics; ``largest`` None: an empty image."""
+    if not finite:
         return "non-finite values"
     if nsfw:
         return "flagged by safety checker"
-    if array.size == 0 or round(float(array.max()) * 255) <= BLACK_MAX_LEVEL:
+    if largest is None or round(largest * 255) <= BLACK_MAX_LEVEL:
         return "black image"
     return None
 
 
 def to_pil(array: np.ndarray) -> Image.Image:
-    """Float [0, 1] (H, W, C) -> RGB PIL image, rounding like diffusers' ``numpy_to_pil``."""
-    arr = np.clip(np.asarray(array, dtype=np.float32), 0.0, 1.0)
-    arr = (arr * 255).round().astype(np.uint8)
+    """uint8 or float [0, 1] (H, W, C) -> RGB PIL image, rounding like diffusers' ``numpy_to_pil``."""
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr.astype(np.float32), 0.0, 1.0)
+        arr = (arr * 255).round().astype(np.uint8)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     return Image.fromarray(arr).convert("RGB")
@@ -129,6 +145,10 @@ class ImageGenerator:
         self.output = output
         self.recipe_seed = int(recipe_seed)
         self.stats = GenerationStats()
+        # Stable Diffusion pipelines: cached text embeddings, latents decoded by synthgen (decode.py)
+        self.latent_path = hasattr(self.pipe, "encode_prompt") and loaded.pipeline_class == "StableDiffusionPipeline"
+        self.embeddings = PromptEmbeddings(self.pipe, loaded.device, cfg.prompt_cache)
+        self.decoder = LatentDecoder(self.pipe, loaded.device, cfg.vae_decode_chunk)
 
     # ---------------------------------------------------------------------------------------- core
     def _generators(self, seeds: Sequence[int]) -> list:
@@ -136,37 +156,41 @@ class ImageGenerator:
 
         return [torch.Generator(device=GENERATOR_DEVICE).manual_seed(int(s)) for s in seeds]
 
-    def run_pipeline(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[np.ndarray, list[bool]]:
-        """One pipeline call: float images (N, H, W, C) and the per-image safety-checker flags."""
+    def run_pipeline(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[np.ndarray, list[Optional[str]]]:
+        """One pipeline call: uint8 images (N, H, W, 3) and why each must not be stored (None: fine)."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         cfg = self.cfg
         kwargs: dict[str, Any] = dict(
-            prompt=list(prompts),
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale,
             height=cfg.height,
             width=cfg.width,
             num_images_per_prompt=1,
             generator=self._generators(seeds),
-            output_type="np",
         )
-        if cfg.negative_prompt is not None:
-            kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
+        if self.latent_path:
+            kwargs["prompt_embeds"] = self.embeddings(prompts)
+            kwargs["negative_prompt_embeds"] = self.embeddings([cfg.negative_prompt or ""] * len(prompts))
+            kwargs["output_type"] = "latent"
+        else:
+            kwargs["prompt"] = list(prompts)
+            if cfg.negative_prompt is not None:
+                kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
+            kwargs["output_type"] = "pt"
+        reset_step_cache(self.pipe.unet)
         out = self._call_quietly(kwargs)
-        images = getattr(out, "images", None)
-        if images is None:
-            images = out[0]
-        if isinstance(images, (list, tuple)):
-            images = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-        images = np.asarray(images)
-        if images.dtype == np.uint8:
-            images = images.astype(np.float32) / 255.0
-        nsfw = getattr(out, "nsfw_content_detected", None)
+        images = out.images if hasattr(out, "images") else out[0]
+        if self.latent_path:
+            images, nsfw = self.decoder(images)
+        else:
+            nsfw = getattr(out, "nsfw_content_detected", None)
         flags = [bool(f) for f in nsfw] if nsfw is not None else [False] * len(prompts)
         if len(images) != len(prompts) or len(flags) != len(prompts):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(prompts)} prompts")
-        return images, flags
+        finite, largest = rejection_stats(images)
+        reasons = [_reason(f, m, n) for f, m, n in zip(finite, largest, flags)]
+        return to_uint8(images), reasons
 
     def _call_quietly(self, kwargs: dict[str, Any]):
         """Call the pipeline with diffusers' per-batch warnings muted.
@@ -209,11 +233,10 @@ class ImageGenerator:
         attempt = 0
         while pending:
             seeds = [image_seed(self.recipe_seed, records[p].index, attempt) for p in pending]
-            arrays, flags = self.run_pipeline([records[p].prompt for p in pending], seeds)
+            arrays, rejections = self.run_pipeline([records[p].prompt for p in pending], seeds)
             self.stats.attempts += len(pending)
             still = []
-            for p, seed, array, flag in zip(pending, seeds, arrays, flags):
-                reason = rejection_reason(array, flag)
+            for p, seed, array, reason in zip(pending, seeds, arrays, rejections):
                 if reason is None:
                     done[p] = GeneratedImage(
                         index=records[p].index,

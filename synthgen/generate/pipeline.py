@@ -75,6 +75,13 @@ class LoadedPipeline:
     versions: dict[str, str] = field(default_factory=dict)  # torch, diffusers, transformers, ...
     compiled: bool = False
     attention: str = "sdpa"  # "sdpa" (PyTorch scaled_dot_product_attention), "xformers", "sliced"
+    # the GPU path's settings as applied (accel.py): resolved values, not "auto"
+    fused_qkv: bool = False
+    channels_last: bool = False
+    compiled_modules: list[str] = field(default_factory=list)  # "unet", "vae.decoder"
+    step_cache_interval: int = 1
+    vae_decode_chunk: Any = "auto"
+    prompt_cache: int = 0
 
     def provenance(self) -> dict[str, Any]:
         """Plain data for the build manifest."""
@@ -88,6 +95,13 @@ class LoadedPipeline:
             "dtype": str(self.dtype).replace("torch.", ""),
             "attention": self.attention,
             "compiled": self.compiled,
+            "compiled_modules": list(self.compiled_modules),
+            "fused_qkv": self.fused_qkv,
+            "channels_last": self.channels_last,
+            "step_cache_interval": self.step_cache_interval,
+            "vae_decode_chunk": self.vae_decode_chunk,
+            "prompt_cache": self.prompt_cache,
+            "classifier_free_guidance": "batched (one UNet call per step)",
             "versions": dict(self.versions),
         }
 
@@ -129,11 +143,18 @@ def resolve_device(name: str = "auto") -> str:
 
 
 def resolve_dtype(name: str, device: str):
-    """``auto`` -> float16 on CUDA, float32 elsewhere."""
+    """``auto`` -> bfloat16 on CUDA (float16 on cards without bfloat16), float32 elsewhere.
+
+    bfloat16 runs at float16's tensor-core rate and has float32's range, so an activation that
+    overflows float16 (a NaN image, regenerated at a cost) cannot happen; benchmarks/bench_sd.py
+    records its pixel effect against float16 and float32.
+    """
     import torch
 
     if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
@@ -338,12 +359,11 @@ def quiet_loading():
             mod.enable_progress_bar()
 
 
-def load_pipeline(cfg: GeneratorConfig, *, xformers: bool = False) -> LoadedPipeline:
+def load_pipeline(cfg: GeneratorConfig) -> LoadedPipeline:
     """Load ``cfg.model`` onto ``cfg.device`` in ``cfg.dtype`` with ``cfg.scheduler``.
 
-    ``xformers=True`` uses xformers' memory-efficient attention when it is installed (a warning and
-    PyTorch SDPA otherwise). ``cfg.compile`` compiles the UNet with ``torch.compile`` on CUDA and is
-    ignored, with a warning, elsewhere.
+    Then :func:`prepare_pipeline` applies the recipe's speed settings (attention, fused QKV,
+    channels-last, step caching, ``torch.compile`` of the UNet and VAE decoder; ``accel.py``).
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -361,43 +381,44 @@ def load_pipeline(cfg: GeneratorConfig, *, xformers: bool = False) -> LoadedPipe
         raise SynthgenError(f"cannot load model {cfg.model!r} from {folder}: {first[:300]}") from None
     if not hasattr(pipe, "scheduler") or not hasattr(pipe, "unet"):
         raise SynthgenError(f"model {cfg.model!r} is a {type(pipe).__name__}, not a text-to-image UNet pipeline")
+    return prepare_pipeline(pipe, cfg, revision=revision)
+
+
+def prepare_pipeline(pipe: Any, cfg: GeneratorConfig, *, revision: str, model: Optional[str] = None) -> LoadedPipeline:
+    """Put a diffusers pipeline on ``cfg.device`` in ``cfg.dtype`` with ``cfg``'s scheduler and speed settings.
+
+    ``load_pipeline`` ends here; benchmarks call it with pipelines built in memory (``sd15.py``).
+    ``revision`` is what provenance records as the model's revision; ``model`` defaults to ``cfg.model``.
+    """
+    from synthgen.generate.accel import apply_speedups
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     scheduler_name = set_scheduler(pipe, cfg.scheduler)
     pipe = pipe.to(device)
+    if pipe.unet.dtype != dtype:  # an in-memory pipeline; from_pretrained already loads in dtype
+        pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-
-    attention = "sdpa"
-    if xformers:
-        try:
-            import xformers as _xf  # noqa: F401
-
-            pipe.enable_xformers_memory_efficient_attention()
-            attention = "xformers"
-        except Exception as exc:  # not installed, or no CUDA build
-            warnings.warn(f"xformers requested but unusable ({type(exc).__name__}); using PyTorch SDPA", stacklevel=2)
-    if cfg.attention_slicing:
-        pipe.enable_attention_slicing()
-        attention = "sliced" if attention == "sdpa" else attention + "+sliced"
-
-    compiled = False
-    if cfg.compile:
-        if device.startswith("cuda"):
-            pipe.unet = torch.compile(pipe.unet)
-            compiled = True
-        else:
-            warnings.warn(f"generator.compile is ignored on {device} (torch.compile of the UNet is for GPUs)", stacklevel=2)
+    speed = apply_speedups(pipe, cfg, device)
 
     return LoadedPipeline(
         pipe=pipe,
         device=device,
         dtype=dtype,
-        model=cfg.model,
+        model=model or cfg.model,
         model_revision=revision,
         scheduler_name=scheduler_name,
         scheduler_class=type(pipe.scheduler).__name__,
         pipeline_class=type(pipe).__name__,
         versions=library_versions(),
-        compiled=compiled,
-        attention=attention,
+        compiled=bool(speed.compiled),
+        attention=speed.attention,
+        fused_qkv=speed.fused_qkv,
+        channels_last=speed.channels_last,
+        compiled_modules=list(speed.compiled),
+        step_cache_interval=speed.step_cache_interval,
+        vae_decode_chunk=cfg.vae_decode_chunk,
+        prompt_cache=cfg.prompt_cache,
     )
 
 
