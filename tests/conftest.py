@@ -10,13 +10,24 @@
 * ``one_torch_thread`` (module): torch on one thread while the module's tests run; use it with
   ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``. Tiny models gain nothing from
   threads, and with 2 threads on shared cores OpenMP spin-waiting slows them down many times.
+
+``HF_DATASETS_CACHE`` points at a private temporary folder for the session (see below).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
+
+# A private `datasets` cache for this test session, set before anything imports `datasets` (it reads
+# the variable at import): tests reuse temp paths between sessions, and a shared cache would hand
+# one session's dataset to another. Subprocesses inherit it.
+os.environ["HF_DATASETS_CACHE"] = _HF_DATASETS_CACHE = tempfile.mkdtemp(prefix="synthgen-test-datasets-")
+atexit.register(shutil.rmtree, _HF_DATASETS_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
