@@ -31,7 +31,7 @@ from synthgen.train.augment import random_crop_flip
 from synthgen.train.batches import TensorBatches, resolve_normalization
 from synthgen.train.callbacks import Callback, run_epoch_callbacks
 from synthgen.train.data import to_float
-from synthgen.train.optim import build_optimizer
+from synthgen.train.optim import build_optimizer, make_scheduler
 from synthgen.train.runtime import Runtime
 
 __all__ = ["TrainConfig", "TrainResult", "train_classifier", "evaluate_classifier", "classification_metrics"]
@@ -51,6 +51,10 @@ class TrainConfig(BaseModel):
     nesterov: bool = False  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # per step, sized to the steps run
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1)  # cap on optimizer steps (quick runs)
+    grad_clip: Optional[float] = Field(None, gt=0)
     augment: Literal["none", "crop_flip"] = "none"  # crop_flip: pad-4 random crop + horizontal flip
     # per-channel (mean, std): unit = x/255 only (Keras' Rescaling), dataset = the training images' own
     normalization: Literal["dataset", "unit", "cifar", "imagenet", "half"] = "dataset"
@@ -63,6 +67,7 @@ class TrainResult:
     model: nn.Module
     history: list[dict] = field(default_factory=list)
     epochs_run: int = 0
+    steps: int = 0
     stopped_early: bool = False
     wall_s: float = 0.0
     mean: tuple[float, ...] = ()
@@ -102,6 +107,8 @@ def evaluate_classifier(model: nn.Module, ds, *, mean: Sequence[float], std: Seq
     rt = runtime or Runtime.create("auto")
     model.to(rt.device)
     cl = rt.uses_channels_last(model)
+    if cl:
+        model.to(memory_format=torch.channels_last)
     batches = ds if hasattr(ds, "epoch") else TensorBatches(ds, rt, label_map)
     return classification_metrics(model, batches, rt, mean, std, batch_size, cl)
 
@@ -147,6 +154,10 @@ def train_classifier(
     for cb in callbacks:  # callbacks built before the optimizer existed get it now
         if getattr(cb, "optimizer", False) is None:
             cb.optimizer = opt
+    total = cfg.epochs * max(1, math.ceil(len(tr) / cfg.batch_size))
+    total = min(total, cfg.max_steps or total)
+    sched = make_scheduler(opt, total, cfg.warmup_steps, cfg.lr_schedule) if cfg.lr_schedule != "constant" or cfg.warmup_steps else None
+    step = 0
     gen, aug_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     result = TrainResult(model=model, mean=tuple(mean), std=tuple(std), device=str(rt.device))
     for epoch in range(1, cfg.epochs + 1):
@@ -157,13 +168,18 @@ def train_classifier(
         correct = torch.zeros((), device=rt.device, dtype=torch.long)
         seen = 0
         for x, y in tr.epoch(cfg.batch_size, gen):
+            if step >= total:
+                break
             x = to_float(x, mean, std)
             if cfg.augment == "crop_flip":
                 x = random_crop_flip(x, padding=4, generator=aug_gen, fill="zeros")
             with rt.autocast():
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            rt.step(loss, opt)
+            rt.step(loss, opt, grad_clip=cfg.grad_clip)
+            step += 1
+            if sched is not None:
+                sched.step()
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -184,11 +200,12 @@ def train_classifier(
             val_txt = f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}" if va is not None else ""
             console.print(f"[dim]{desc}[/dim] epoch {epoch}/{cfg.epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
                           f"{val_txt} lr {lr:.2e} {row['epoch_s']:.1f}s", highlight=False, soft_wrap=True)
-        if stop:
-            result.stopped_early = epoch < cfg.epochs
+        if stop or step >= total:
+            result.stopped_early = stop and epoch < cfg.epochs
             break
     for cb in callbacks:
         cb.on_train_end()
+    result.steps = step
     rt.synchronize()
     result.wall_s = time.perf_counter() - t0
     return result

@@ -198,6 +198,8 @@ class Runtime:
         """Move ``model`` to the device (channels-last where it pays), wrap it in DDP when distributed
         and compile it (``compile`` False: never, e.g. feature extraction). ``batch_size``: the full
         training batch; other sizes run the plain module (one compiled graph per shape)."""
+        if self.distributed and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # one set of batch statistics per global batch
         model.to(self.device)
         cl = self.uses_channels_last(model)
         if cl:
