@@ -216,7 +216,7 @@ def objective_loss(obj, net, x_u8: torch.Tensor, groups, rt: Runtime, aug, mean,
     else:
         with rt.autocast():
             z = net(aug(x_u8, gen))
-        loss = multi_positive_contrastive_loss(_gather(z.float(), rt, True), _gather(groups, rt, False), temperature=obj.temperature)
+        loss = multi_positive_contrastive_loss(_gather(z, rt, True), _gather(groups, rt, False), temperature=obj.temperature).float()
     return loss, extra
 
 
