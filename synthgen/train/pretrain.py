@@ -402,4 +402,7 @@ def pretrain(
         save(False)
         raise
     save(True)
-    return PretrainResult(out, out / "checkpoint.json", metrics_doc(True), resumed_from)
+    result = PretrainResult(out, out / "checkpoint.json", metrics_doc(True), resumed_from)
+    if runtime is None:
+        rt.close()  # leave the process group this call joined
+    return result
