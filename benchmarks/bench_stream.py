@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -56,10 +57,31 @@ def make_folder(cifar: Path, out: Path, n: int, rows_per_shard: int = 5000) -> P
     return out
 
 
-def peak_rss_mb() -> dict:
+def live_children_peak_mb() -> float:
+    """The largest peak RSS (VmHWM) among this process's live children (the DataLoader workers)."""
+    import glob
+
+    peak = 0.0
+    for tasks in glob.glob("/proc/self/task/*/children"):
+        try:
+            pids = open(tasks).read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+            except OSError:
+                pass
+    return peak
+
+
+def peak_rss_mb(workers_mb: float) -> dict:
+    # (getrusage(RUSAGE_CHILDREN) would also count a ~430 MB helper process that importing torch
+    # forks here, so the workers are read from /proc while they live)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"main_mb": round(own, 1), "largest_worker_mb": round(kids, 1)}
+    return {"main_mb": round(own, 1), "largest_worker_mb": round(workers_mb, 1)}
 
 
 def run_case(case: str, folder: str, device: str, workers: int, steps: int) -> dict:
@@ -88,10 +110,13 @@ def run_case(case: str, folder: str, device: str, workers: int, steps: int) -> d
         load_s = time.perf_counter() - t
         data = TensorBatches(ds, rt)
     out = {"case": case, "device": rt.device.type, "images": len(data), "setup_s": round(load_s, 2)}
+    workers_mb = 0.0
     if not model_name:  # the loader alone: one epoch
         t, n = time.perf_counter(), 0
-        for x, _ in data.epoch(batch, 0 if kind == "stream" else torch.Generator().manual_seed(0)):
+        for i, (x, _) in enumerate(data.epoch(batch, 0 if kind == "stream" else torch.Generator().manual_seed(0))):
             n += len(x)
+            if i % 10 == 0:
+                workers_mb = max(workers_mb, live_children_peak_mb())
         rt.synchronize()
         out.update({"epoch_images": n, "epoch_s": round(time.perf_counter() - t, 2), "images_per_s": round(n / (time.perf_counter() - t), 1)})
     else:
@@ -100,6 +125,7 @@ def run_case(case: str, folder: str, device: str, workers: int, steps: int) -> d
         net = rt.prepare(model)
         opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+        steps = min(steps, len(data) // batch - 1)  # one epoch at most
         it = data.epoch(batch, 0 if kind == "stream" else torch.Generator().manual_seed(0), drop_last=True)
         wait = 0.0
         done = 0
@@ -117,11 +143,12 @@ def run_case(case: str, folder: str, device: str, workers: int, steps: int) -> d
             rt.step(loss, opt)
             if i:
                 done += len(y)
+            workers_mb = max(workers_mb, live_children_peak_mb())
         rt.synchronize()
         wall = time.perf_counter() - t0
         out.update({"model": model_name, "image_size": size, "batch": batch, "timed_steps": steps,
                     "train_images_per_s": round(done / wall, 1), "waiting_for_data_share": round(wait / wall, 3)})
-    out["peak_rss"] = peak_rss_mb()
+    out["peak_rss"] = peak_rss_mb(workers_mb)
     return out
 
 
@@ -176,7 +203,7 @@ def main() -> None:
     Console().print(t)
     out = args.output or ROOT / "benchmarks" / "results" / f"stream-{args.device.split(':')[0]}.json"
     write_json(out, {"benchmark": "bench_stream", "environment": {k: v for k, v in environment(args.device).items() if k != "host"},
-                     "n": args.n, "workers": args.workers, "rows_per_shard": 5000,
+                     "load_average_after": os.getloadavg(), "n": args.n, "workers": args.workers, "rows_per_shard": 5000,
                      "what": "CIFAR-10 train JPEG cells repeated to N and 4N rows; each case a fresh process",
                      "cases": rows})
     print(f"wrote {out}")

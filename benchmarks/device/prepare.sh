@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 mkdir -p .whl .devdata
 rm -f .whl/*.whl
-for pkg in datasets dill multiprocess pydantic pydantic-core annotated-types typing-inspection typing-extensions; do
+for pkg in datasets dill multiprocess pydantic pydantic-core annotated-types typing-inspection typing-extensions safetensors; do
   ver=$("$PY" -c "import importlib.metadata as m; print(m.version('$pkg'))")
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
