@@ -1,6 +1,6 @@
 """Data larger than memory: streamed parquet shards vs the in-memory tensor, at N and 4N images.
 
-Writes a Hub-layout folder of N and of 4N CIFAR-10 training images (the real JPEG cells of
+Writes a folder of parquet shards (data/train-*.parquet) of N and of 4N CIFAR-10 training images (the real JPEG cells of
 ../shared/datasets/cifar10 repeated, 5,000 rows a shard; no re-encoding), then measures, each case
 in a fresh subprocess so that its peak RSS is its own:
 
@@ -30,21 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-README = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*.parquet
----
-"""
-
-
 def make_folder(cifar: Path, out: Path, n: int, rows_per_shard: int = 5000) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if (out / "README.md").exists():
+    if (out / "data").is_dir():
         return out
     table = pa.concat_tables([pq.read_table(f) for f in sorted((cifar / "data").glob("train-*.parquet"))])
     reps = -(-n // table.num_rows)
@@ -53,8 +43,7 @@ def make_folder(cifar: Path, out: Path, n: int, rows_per_shard: int = 5000) -> P
     (out / "data").mkdir(parents=True, exist_ok=True)
     for i in range(shards):
         pq.write_table(big.slice(i * rows_per_shard, rows_per_shard), out / "data" / f"train-{i:05d}-of-{shards:05d}.parquet")
-    (out / "README.md").write_text(README)
-    return out
+    return out  # the split comes from the file names (data/train-*.parquet), as datasets reads them
 
 
 def live_children_peak_mb() -> float:

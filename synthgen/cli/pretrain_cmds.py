@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,6 +41,8 @@ def pretrain(
     config = load_pretrain_config(recipe, overrides)
     out_dir = out or Path("runs") / "pretrain" / config.name
     result = run_pretrain(config, out_dir, resume=not no_resume, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     m = result.metrics
     if result.resumed_from_step is not None:
         console.print(f"resumed from step {result.resumed_from_step}")

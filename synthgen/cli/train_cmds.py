@@ -86,6 +86,8 @@ def cas(
         synthetic_split=split, synthetic_revision=revision, real_revision=real_revision,
         device=device, use_cache=not no_cache, quiet=quiet, console=err_console,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports and writes
     if result["missing_classes"]:
         err_console.print(
             f"[yellow]warning[/yellow]: the synthetic set has no images of {len(result['missing_classes'])} real "
