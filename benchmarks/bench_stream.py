@@ -91,7 +91,7 @@ def run_case(case: str, folder: str, device: str, workers: int, steps: int) -> d
     t = time.perf_counter()
     if kind == "stream":
         data = StreamBatches(folder, "train", rt, num_workers=workers, image_size=None if size == 32 else size,
-                             decode="device" if rt.device.type == "cuda" else "workers")
+                             decode="auto")
         load_s = time.perf_counter() - t
     else:
         ds = load_image_dataset(folder, "train", cache=False, image_size=None if size == 32 else size,

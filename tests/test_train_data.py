@@ -242,6 +242,8 @@ def test_streamed_batches_match_the_decoded_tensor(one_thread):
     assert len(stream) == 300 and stream.class_names == ds.class_names and stream.source["streamed"]
     xs, ys = zip(*stream.epoch(100, None))
     assert torch.equal(torch.cat(xs), ds.images) and torch.equal(torch.cat(ys), ds.labels)
+    on_device = StreamBatches(str(CIFAR), "train", rt, limit=300, num_workers=0, decode="device")  # torchvision's decoder
+    assert torch.equal(torch.cat([x for x, _ in on_device.epoch(100, None)]), ds.images)
     shuffled = torch.cat([y for _, y in stream.epoch(64, 1, min_batch=1)])
     assert len(shuffled) == 300 and torch.equal(torch.bincount(shuffled, minlength=10), torch.bincount(ds.labels, minlength=10))
     assert not torch.equal(shuffled, ds.labels)

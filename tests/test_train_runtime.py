@@ -297,3 +297,21 @@ def test_hub_datasets_record_the_commit_they_resolved(monkeypatch):
     ds = data.load_image_dataset("org/name", "train", revision="v1.0.0", cache=False)
     assert ds.source["sha"] == sha and ds.source["revision"] == "v1.0.0" and ds.source["id"] == "org/name"
     assert calls == [("info", "org/name", "v1.0.0"), ("load", "org/name", sha)]
+
+
+@needs_cifar
+def test_cas_runs_under_torchrun_and_rank_0_alone_writes(tmp_path):
+    """`synthgen cas` on two gloo processes: each trains on half of every global batch, the
+    validation and test metrics are summed over both, and one result file is written."""
+    out = tmp_path / "cas.json"
+    sets = ["model=resnet20", "epochs=1", "batch_size=64", "real_fit=256", "real_val=64", "limit_real_test=64", "limit_synthetic=256"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "synthgen", "cas",
+           str(CIFAR10), "--real", str(CIFAR10), *[a for kv in sets for a in ("--set", kv)], "--device", "cpu", "--no-cache",
+           "-q", "-o", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["runtime"]["world_size"] == 2 and res.stdout.count("results: ") == 1
+    for run in (doc["real_baseline"], doc["runs"][0]):
+        assert run["n_test"] == 64 and run["epochs_run"] == 1 and 0 <= run["top1"] <= 100

@@ -8,13 +8,14 @@ parallel (each worker takes whole shards). Memory holds a shuffle buffer and a f
 worker, whatever the size of the dataset. Under DDP each process reads its own share of the shards
 (``datasets.distributed.split_dataset_by_node``) and gets ``batch_size / world_size`` rows a batch.
 
-Where images are decoded (``decode``):
+Where images are decoded (``decode``; ``"auto"``: on a GPU when the shards hold JPEG, else workers):
 
-* ``"workers"`` (default): PIL in the DataLoader workers (resize + centre crop as
+* ``"workers"``: PIL in the DataLoader workers (resize + centre crop as
   :func:`~synthgen.train.data.load_image_dataset` does), uint8 batches copied to the device;
 * ``"device"``: the workers pass the encoded bytes and the main process decodes the batch with
   ``torchvision.io.decode_jpeg(..., device=...)`` - on a GPU that is nvJPEG, which outpaces CPU
-  workers at 224 px; PNG and other formats fall back to the CPU decoder.
+  workers at 224 px (a resize there is antialiased bilinear, not PIL's bicubic); PNG and other
+  formats fall back to the CPU decoder.
 
 It has the batch interface of :class:`~synthgen.train.batches.TensorBatches` (``epoch``, ``len``),
 so :func:`~synthgen.train.classify.train_classifier` and pre-training take either.
@@ -44,6 +45,16 @@ def _shard_rows(files: list[str]) -> list[int]:
         with fsspec.open(f, "rb") as fh:
             rows.append(pq.ParquetFile(fh).metadata.num_rows)
     return rows
+
+
+def _first_is_jpeg(path: str, column: str) -> bool:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as fh:
+        batch = next(pq.ParquetFile(fh).iter_batches(batch_size=1, columns=[column]), None)
+    cell = None if batch is None else batch.column(0)[0].as_py()
+    return bool(cell and cell.get("bytes") and cell["bytes"][:2] == b"\xff\xd8")
 
 
 def _deal(files: list[tuple[str, int]], seed: int, epoch: int, shuffle: bool, parts: int) -> list[list[tuple[str, int]]]:
@@ -138,14 +149,14 @@ class StreamBatches:
         shuffle_buffer: int = 2048,
         require_labels: bool = True,
         label_map=None,
-        decode: str = "workers",
+        decode: str = "auto",
     ) -> None:
         import datasets
 
         from synthgen.train.data import _detect_columns, _is_local, quiet_datasets, resolve_hub_commit
 
-        if decode not in ("workers", "device"):
-            raise SynthgenError(f"decode must be 'workers' or 'device', got {decode!r}")
+        if decode not in ("auto", "workers", "device"):
+            raise SynthgenError(f"decode must be 'auto', 'workers' or 'device', got {decode!r}")
         self.runtime, self.seed, self.num_workers = runtime, seed, num_workers
         self.shuffle_buffer, self.decode, self.limit = shuffle_buffer, decode, limit
         commit = None
@@ -194,6 +205,9 @@ class StreamBatches:
         if runtime.distributed and self.n_shards < runtime.world_size:
             raise SynthgenError(f"{source}[{split}] has {self.n_shards} shard(s) for {runtime.world_size} processes; write more shards")
         self._columns = [c for c in (image_column, label_column) if c]
+        if decode == "auto":  # nvJPEG on a GPU when the shards hold JPEG; PIL in the workers otherwise
+            decode = "device" if runtime.device.type == "cuda" and _first_is_jpeg(keep[0][0], image_column) else "workers"
+        self.decode = decode
         base_dir = path if local and os.path.isdir(path) else (os.path.dirname(path) if local else None)
         self._decode_fn = _Decode(image_column, label_column, image_size, base_dir, raw=decode == "device")
         self.image_size = image_size
