@@ -238,13 +238,19 @@ class StreamBatches:
         rt = self.runtime
         if isinstance(data, torch.Tensor):
             return data.to(rt.device, non_blocking=True)
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        import warnings
+
+        with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated (for torchcodec); they still work
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
         encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
-        if all(bytes(e[:2].tolist()) == b"\xff\xd8" for e in encoded):
-            imgs = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=rt.device)
-        else:
-            imgs = [decode_image(e, mode=ImageReadMode.RGB).to(rt.device) for e in encoded]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if all(bytes(e[:2].tolist()) == b"\xff\xd8" for e in encoded):
+                imgs = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=rt.device)
+            else:
+                imgs = [decode_image(e, mode=ImageReadMode.RGB).to(rt.device) for e in encoded]
         if self.image_size is not None:
             import torch.nn.functional as F
 
