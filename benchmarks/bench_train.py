@@ -6,10 +6,10 @@
    normalised on the device (as synthgen.train.classify does); median over timed iterations after
    warm-up. CPU always (fp32); CUDA when present (bf16 autocast, channels_last for ResNet-20).
 2. One CAS run (synthgen.train.cas.cas_score, real baseline NOT cached, so two trainings: real
-   baseline + synthetic). On CUDA: the full Lomurno protocol (resnet20_w64, 100 epochs with early
-   stopping, batch 256) on CIFAR-10 (50,000 training images; the synthetic set is the real training
-   split itself). On CPU: a REDUCED protocol - 1 epoch on the first 5,000 training images (about 4,500 fit
-   + 500 validation) for each run, tested on the 5,000 test images.
+   baseline + synthetic). On CUDA: the default protocol (train/cas-lomurno.yaml: resnet20_w64, up to
+   100 epochs with early stopping, batch 256, 40,000 fit + 10,000 real validation images; the
+   synthetic set is the real training split itself). On CPU: a REDUCED protocol - 1 epoch, 4,500 fit
+   + 500 real validation images for each run, tested on the 5,000 test images.
 
 GPU goal: a full 100-epoch CAS on 50,000 32x32 images (one training run) in under 3 minutes on one
 H100. Measured on one H100 (benchmarks/results/train-gpu-h100*.json, cas-baseline-*-cuda-h100*.json):
@@ -18,14 +18,13 @@ the step is bound by kernel launches in eager mode (0.27M and 4.3M ResNet-20 bot
 
 Usage: python benchmarks/bench_train.py [--cifar ../shared/datasets/cifar10] [--no-cas] [--threads N]
        [--devices cpu,cuda] [--models resnet20,resnet20_w64,vit_tiny] [--compile-modes reduce-overhead]
-Writes benchmarks/results/train-<host>.json.
+Writes benchmarks/results/train-<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from synthgen.train.classify import autocast_dtype  # noqa: E402
+from synthgen.train.runtime import autocast_dtype  # noqa: E402
 from synthgen.train.data import to_float  # noqa: E402
 from synthgen.train.models import count_parameters, create_model  # noqa: E402
 from synthgen.train.optim import build_optimizer  # noqa: E402
@@ -94,22 +93,23 @@ def throughput(name: str, kwargs: dict, device: torch.device, batch: int, warmup
 
 
 def cas_run(cifar: str, device: torch.device) -> dict:
-    from synthgen.train.cas import CASProtocol, cas_score
+    from synthgen.train.cas import cas_score, load_cas_protocol
 
     if device.type == "cuda":
-        protocol = CASProtocol()
-        label = f"full Lomurno protocol: {protocol.model}, up to 100 epochs (early stopping 25), batch 256, 50,000 train images (45,000 fit + 5,000 val) per run"
+        protocol, info = load_cas_protocol()
+        label = (f"full default protocol ({protocol.name}): {protocol.model}, up to {protocol.epochs} epochs (early stopping "
+                 f"{protocol.early_stopping.patience}), batch {protocol.batch_size}, 40,000 fit + 10,000 real validation images per run")
     else:
-        protocol = CASProtocol(epochs=1, limit_real=5000, limit_synthetic=5000)
-        label = f"REDUCED CPU protocol: {protocol.model}, 1 epoch, batch 256, first 5,000 train images (about 4,500 fit + 500 val, stratified) per run"
+        protocol, info = load_cas_protocol(None, ["epochs=1", "real_fit=4500", "real_val=500", "limit_synthetic=4500"])
+        label = f"REDUCED CPU protocol: {protocol.model}, 1 epoch, batch 256, 4,500 fit + 500 real validation images per run"
     # warm the decoded-tensor cache first, so the timing is training + evaluation only
     from synthgen.train.data import load_image_dataset
 
-    for split, lim in (("train", protocol.limit_real), ("test", None)):
-        load_image_dataset(cifar, split, limit=lim)
+    load_image_dataset(cifar, "train", limit=protocol.real_fit + protocol.real_val)
+    load_image_dataset(cifar, "test")
     load_image_dataset(cifar, "train", limit=protocol.limit_synthetic, image_size=32)
     t = time.perf_counter()
-    res = cas_score(cifar, cifar, protocol, seed=0, device=device, use_cache=False, quiet=True)
+    res = cas_score(cifar, cifar, protocol, seed=0, protocol_info=info, device=device, use_cache=False, quiet=True)
     wall = time.perf_counter() - t
     runs = [("real baseline", res["real_baseline"]), ("synthetic (= real train)", res["runs"][0])]
     return {
@@ -171,9 +171,10 @@ def main() -> None:
         for r in c["runs"]:
             console.print(f"  {r['run']}: {r['wall_s']:.1f}s ({r['epochs_run']} epochs, {r['n_train']} fit images), top-1 {r['top1']:.2f}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    out = args.output or ROOT / "benchmarks" / "results" / f"train-{socket.gethostname()}.json"
+    out = args.output or ROOT / "benchmarks" / "results" / f"train-{devices[-1].type}.json"
+    env = {k: v for k, v in environment(devices[-1]).items() if k != "host"}
     write_json(out, {
-        "benchmark": "bench_train", "environment": environment(devices[-1]), "load_average": load,
+        "benchmark": "bench_train", "environment": env, "load_average": load,
         "gpu_goal": "full 100-epoch CAS on 50,000 32x32 images in < 180 s on one H100",
         "throughput": rows, "cas": cas,
     })

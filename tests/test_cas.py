@@ -24,7 +24,8 @@ configs:
 ---
 # test synthetic set
 """
-FAST = ["--model", "resnet20", "--epochs", "1", "--batch-size", "64", "--limit-real", "300", "--limit-real-test", "200", "--threads", "1", "-q"]
+SMALL = ["model=resnet20", "epochs=1", "batch_size=64", "real_fit=300", "real_val=100", "limit_real_test=200"]
+FAST = [a for kv in SMALL for a in ("--set", kv)] + ["--threads", "1", "-q"]
 
 
 @pytest.fixture(autouse=True)
@@ -64,18 +65,25 @@ def write_folder(path: Path, rows, names: list[str] | None, n: int | None = None
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     from synthgen.cli import main
 
+    capsys.readouterr()  # drop what the test's own set-up printed (e.g. to_parquet's progress bar)
     rc = main(args)
     out = capsys.readouterr()
     return rc, out.out, out.err
 
 
 def no_training(monkeypatch):
-    from synthgen.train import classify
+    from synthgen.train import cas
 
     def boom(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(classify, "train_classifier", boom)
+    monkeypatch.setattr(cas, "train_classifier", boom)
+
+
+def small_protocol(*extra):
+    from synthgen.train.cas import load_cas_protocol
+
+    return load_cas_protocol(None, [*SMALL, *extra])[0]
 
 
 def test_cas_cli_end_to_end_with_scales(tmp_path, cifar_rows, capsys):
@@ -86,14 +94,21 @@ def test_cas_cli_end_to_end_with_scales(tmp_path, cifar_rows, capsys):
     assert "Real" in stdout and "×1" in stdout and "×2" in stdout
     res = json.loads(out.read_text())
     assert [r["scale"] for r in res["runs"]] == [1, 2]
-    assert [r["n_images"] for r in res["runs"]] == [300, 600]
-    assert res["runs"][1]["n_train"] + res["runs"][1]["n_val"] == 600
+    assert [r["n_images"] for r in res["runs"]] == [300, 600] and res["scale_unit"] == 300
+    assert [(r["n_train"], r["n_val"]) for r in res["runs"]] == [(300, 100), (600, 100)]  # real held-out val
     for r in [res["real_baseline"], *res["runs"]]:
         assert 0 <= r["top1"] <= r["top5"] <= 100 and r["n_test"] == 200 and r["epochs_run"] == 1
-    assert res["protocol"]["model"] == "resnet20" and res["protocol"]["epochs"] == 1
-    assert res["protocol"]["label_smoothing"] == 0.1 and res["protocol"]["lr"] == 1e-3
+    values = res["protocol"]["values"]
+    assert values["model"] == "resnet20" and values["epochs"] == 1 and values["name"] == "cas-lomurno"
+    assert values["label_smoothing"] == 0.1 and values["lr"] == 1e-3 and values["normalization"] == "unit"
+    assert res["protocol"]["file"].endswith("train/cas-lomurno.yaml") and len(res["protocol"]["hash"]) == 16
+    import hashlib
+
+    assert res["protocol"]["file_sha256"] == hashlib.sha256(Path(res["protocol"]["file"]).read_bytes()).hexdigest()
     assert res["environment"]["device"] == "cpu" and res["environment"]["versions"]["torch"]
+    assert "host" not in res["environment"] and __import__("socket").gethostname() not in out.read_text()
     assert res["real"]["train"]["fingerprint"] and res["synthetic"]["fingerprint"]
+    assert res["real"]["validation"]["subset"] == "[300:400]" and res["real"]["fit"]["subset"] == "[0:300]"
     assert res["real_baseline"]["cached"] is False
     # the real baseline is cached: a second run (another seed of the synthetic runs is not asked) reuses it
     rc, stdout, err = run_cli(["cas", str(syn), "--real", str(CIFAR), "--output", str(out), *FAST], capsys)
@@ -105,9 +120,9 @@ def test_cas_cli_end_to_end_with_scales(tmp_path, cifar_rows, capsys):
 
 
 def test_real_train_scored_as_synthetic_equals_baseline():
-    from synthgen.train.cas import CASProtocol, cas_score
+    from synthgen.train.cas import cas_score
 
-    p = CASProtocol(model="resnet20", epochs=1, batch_size=64, limit_real=300, limit_real_test=200, limit_synthetic=300)
+    p = small_protocol("limit_synthetic=300")
     res = cas_score(str(CIFAR), str(CIFAR), p, seed=5, device="cpu", use_cache=False)
     base, run = res["real_baseline"], res["runs"][0]
     assert run["n_images"] == 300
@@ -116,9 +131,9 @@ def test_real_train_scored_as_synthetic_equals_baseline():
 
 
 def test_labels_matched_by_name(tmp_path, cifar_rows):
-    from synthgen.train.cas import CASProtocol, cas_score
+    from synthgen.train.cas import cas_score
 
-    p = CASProtocol(model="resnet20", epochs=1, batch_size=64, limit_real=300, limit_real_test=200)
+    p = small_protocol()
     a = cas_score(str(write_folder(tmp_path / "a", cifar_rows, NAMES, n=300)), str(CIFAR), p, seed=1, device="cpu")
     b = cas_score(str(write_folder(tmp_path / "b", cifar_rows, PERMUTED, n=300)), str(CIFAR), p, seed=1, device="cpu")
     assert a["runs"][0]["top1"] == b["runs"][0]["top1"] and a["runs"][0]["test_loss"] == b["runs"][0]["test_loss"]
@@ -135,8 +150,7 @@ def _expect_error(args, capsys, monkeypatch, pattern):
     no_training(monkeypatch)
     rc, out, err = run_cli(args, capsys)
     assert rc != 0
-    # (datasets' own progress bars may precede it on stderr)
-    lines = [line for line in err.splitlines() if line.startswith("error")]
+    lines = err.splitlines()  # one line: no datasets progress bars before it, no traceback
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     import re
 
@@ -162,7 +176,15 @@ def test_bad_inputs_fail_before_training(tmp_path, cifar_rows, capsys, monkeypat
     _expect_error(["cas", str(empty), *real], capsys, monkeypatch, "empty")
     good = write_folder(tmp_path / "good", cifar_rows, NAMES, n=50)
     _expect_error(["cas", str(good), "--split", "validation", *real], capsys, monkeypatch, "no split 'validation'; available: train")
-    _expect_error(["cas", str(good), "--scales", "1", *real], capsys, monkeypatch, r"scale x1 needs 300 .* has 50")
+    line = _expect_error(["cas", str(good), "--scales", "1,2", *real], capsys, monkeypatch, r"scale x1 needs 300 .* has 50")
+    assert "x0" not in line and "less than one scale unit (300 images)" in line
+    big = write_folder(tmp_path / "big", cifar_rows, NAMES, n=400)
+    _expect_error(["cas", str(big), "--scales", "1,2", *real], capsys, monkeypatch, r"scale x2 needs 600 .*largest scale it serves is x1")
+    _expect_error(["cas", str(good), *real, "--set", "modle=resnet20"], capsys, monkeypatch, r"modle: unknown key")
+    _expect_error(["cas", str(good), *real, "--protocol", "no-such-protocol"], capsys, monkeypatch, r"unknown training recipe")
+    _expect_error(["cas", str(good), *real, "--protocol", "rotation-vit-demo"], capsys, monkeypatch, r"not a CAS protocol")
+    _expect_error(["cas", str(good), *real, "--set", "real_fit=49000", "--set", "real_val=2000"], capsys, monkeypatch,
+                  r"fits on 49000 and validates on 2000 real training images")
     _expect_error(["cas", str(good), "--real", str(tmp_path / "nowhere"), *FAST], capsys, monkeypatch, "not found")
     # a revision that does not exist / an unknown Hub dataset (offline: no network in tests)
     import huggingface_hub.constants
@@ -171,7 +193,7 @@ def test_bad_inputs_fail_before_training(tmp_path, cifar_rows, capsys, monkeypat
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     _expect_error(["cas", "nobody-xyz/no-such-set", "--revision", "v9.9.9", *real], capsys, monkeypatch, "cannot load dataset nobody-xyz/no-such-set at revision 'v9.9.9'")
     _expect_error(["cas", str(good), "--revision", "v1.0.0", *real], capsys, monkeypatch, "revision")
-    _expect_error(["cas", str(good), "--compile", "fastest", *real], capsys, monkeypatch, "bad CAS option compile: .*compile must be auto, off")
+    _expect_error(["cas", str(good), *real, "--set", "compile=fastest"], capsys, monkeypatch, "compile: .*compile must be auto, off")
     rc, out, err = run_cli(["cas", str(good), "--real", str(CIFAR), "--scales", "x", *FAST], capsys)
     assert rc == 1 and "error: --scales" in err
 
@@ -185,10 +207,63 @@ def test_cas_on_a_synthgen_build_folder(tmp_path, capsys):
         pytest.fail(f"synthgen build demo failed: {err[-500:]}")
     res_path = tmp_path / "demo-cas.json"
     rc, out, err = run_cli(
-        ["cas", str(folder), "--real", str(CIFAR), "--epochs", "1", "--batch-size", "8", "--limit-real", "40",
-         "--limit-real-test", "100", "--threads", "1", "-q", "-o", str(res_path)], capsys,
+        ["cas", str(folder), "--real", str(CIFAR), "--set", "epochs=1", "--set", "batch_size=8", "--set", "real_fit=20",
+         "--set", "real_val=20", "--set", "limit_real_test=100", "--threads", "1", "-q", "-o", str(res_path)], capsys,
     )
     assert rc == 0, err
     res = json.loads(res_path.read_text())
     assert res["runs"][0]["n_images"] == 20 and res["image_size"] == 32
     assert set(res["label_map"].values()) <= set(NAMES)
+
+
+def test_synthetic_runs_validate_on_real_held_out_images_and_never_read_test(tmp_path, cifar_rows, monkeypatch):
+    """Instrumented: every run (baseline and synthetic scales) validates on real training images
+    300..399 that no run fits on; the test split reaches nothing but the final scoring."""
+    from synthgen.train import cas
+    from synthgen.train.callbacks import LambdaCallback
+
+    trained, loads, scored = [], [], []
+    real_train, real_load, real_eval = cas.train_classifier, cas.load_image_dataset, cas.evaluate_classifier
+
+    def spy_train(model, train, val, *a, **k):
+        trained.append((dict(train.source), dict(val.source), len(val)))
+        return real_train(model, train, val, *a, **k)
+
+    def spy_load(source, split, **k):
+        loads.append(split)
+        return real_load(source, split, **k)
+
+    def spy_eval(model, ds, **k):
+        scored.append(dict(ds.source))
+        return real_eval(model, ds, **k)
+
+    monkeypatch.setattr(cas, "train_classifier", spy_train)
+    monkeypatch.setattr(cas, "load_image_dataset", spy_load)
+    monkeypatch.setattr(cas, "evaluate_classifier", spy_eval)
+    syn = write_folder(tmp_path / "syn", cifar_rows, PERMUTED, n=600)
+    p = small_protocol()
+    cas.cas_score(str(syn), str(CIFAR), p, scales=[1, 2], device="cpu", use_cache=False)
+    real_id = str(CIFAR.resolve())
+    assert len(trained) == 3  # the real baseline, x1, x2
+    for fit_src, val_src, n_val in trained:
+        assert (val_src["id"], val_src["split"], val_src["subset"], n_val) == (real_id, "train", "[300:400]", 100)
+        assert fit_src["split"] == "train"
+    assert trained[0][0]["subset"] == "[0:300]" and trained[0][0]["id"] == real_id
+    assert [t[0]["id"] for t in trained[1:]] == [str(syn.resolve())] * 2
+    assert [s["split"] for s in scored] == ["test"] * 3
+
+    # one classifier on its own (the API the class-conditioning tuner uses): no test split at all
+    loads.clear(), scored.clear()
+    splits = cas.load_real_splits(str(CIFAR), p)
+    assert splits.test is None and "test" not in loads
+    synthetic = cas.relabel_to_real(real_load(str(syn), "train", limit=300), splits.class_names)
+    seen = []
+    run = cas.train_cas_classifier(synthetic, splits.val, p.model_copy(update={"epochs": 2}), seed=0, device="cpu",
+                                   callbacks=[LambdaCallback(lambda e, m: seen.append((e, m["val_acc"])))])
+    assert "test" not in loads and not scored and "top1" not in run.metrics
+    assert [e for e, _ in seen] == [1, 2] and [h["val_acc"] for h in run.history] == [v for _, v in seen]
+    assert run.metrics["best_val_acc"] == max(v for _, v in seen) and run.metrics["n_val"] == 100
+    # a callback that stops the run (Optuna pruning does this)
+    stopped = cas.train_cas_classifier(synthetic, splits.val, p.model_copy(update={"epochs": 5}), device="cpu",
+                                       callbacks=[LambdaCallback(lambda e, m: e >= 1)])
+    assert stopped.metrics["epochs_run"] == 1 and stopped.metrics["stopped_early"]

@@ -47,7 +47,7 @@ def slow_multi_positive(features: torch.Tensor, groups: list[int], tau: float) -
             ce -= p_ij * (logits[j] - log_z)
         total += ce
         anchors += 1
-    return total / anchors
+    return total / n  # the authors' MultiPosConLoss: the mean over ALL anchors (no positive: 0)
 
 
 def slow_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
@@ -70,7 +70,7 @@ def slow_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
     [
         [2, 2, 2, 2],  # equal pairs
         [6, 6, 6],  # StableRep's m = 6
-        [3, 1, 5, 2],  # unequal, one singleton (no positive: left out of the mean)
+        [3, 1, 5, 2],  # unequal, one singleton (no positive: 0, still counted in the mean)
         [4, 7, 2, 2, 3],
     ],
 )
@@ -114,6 +114,10 @@ def test_multi_positive_gradient_and_no_positive_batch():
     loss.backward()
     assert feats.grad is not None and torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
     zero = multi_positive_contrastive_loss(torch.randn(5, 4, requires_grad=True), torch.arange(5))
+    # a singleton anchor counts in the mean with 0: 5 anchors, the pair's two losses over 5
+    feats = torch.randn(5, 4, dtype=torch.float64)
+    pair_only = multi_positive_contrastive_loss(feats, torch.tensor([0, 0, 1, 2, 3]))
+    assert pair_only.item() == pytest.approx(slow_multi_positive(feats, [0, 0, 1, 2, 3], 0.1), rel=1e-12)
     assert zero.item() == 0.0 and zero.requires_grad
     # perfectly clustered features give a lower loss than random ones
     centers = torch.eye(4) * 10
@@ -260,3 +264,15 @@ def test_augment_per_sample_and_reproducible():
     assert torch.equal(random_crop_flip(x, padding=0, flip_p=0), x)
     shifted = random_crop_flip(x, padding=4, flip_p=0, generator=torch.Generator().manual_seed(1))
     assert shifted.shape == x.shape
+
+
+def test_multi_positive_computes_in_the_input_dtype():
+    """As the authors' loss: float64 in, float64 out (exact to 1e-12); bf16 in, bf16 out."""
+    gen = torch.Generator().manual_seed(11)
+    groups = [g for g in range(4) for _ in range(3)]
+    feats = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    got = multi_positive_contrastive_loss(feats, torch.tensor(groups))
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(slow_multi_positive(feats, groups, 0.1), rel=1e-12)
+    low = multi_positive_contrastive_loss(feats.to(torch.bfloat16), torch.tensor(groups))
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low)
+    assert low.item() == pytest.approx(got.item(), rel=0.05)

@@ -35,7 +35,12 @@ def test_every_bundled_training_recipe_validates():
         assert required in names
     for name in names:
         data, _ = load_train_recipe(name)
-        cfg = load_pretrain_config(name) if "objective" in data else load_eval_config(name)
+        if data.get("kind") == "cas":
+            from synthgen.train.cas import load_cas_protocol
+
+            cfg = load_cas_protocol(name)[0]
+        else:
+            cfg = load_pretrain_config(name) if "objective" in data else load_eval_config(name)
         assert cfg.name == name
     rot = load_pretrain_config("rotation-vit")
     assert (rot.optimizer.name, rot.optimizer.lr, rot.objective.batch_size, rot.schedule.epochs) == ("adam", 1e-4, 80, 90)
@@ -117,11 +122,12 @@ def test_rotation_demo_lowers_loss_resumes_and_checkpoints(rotation_run):
     assert [h["step"] for h in hist] == [1, 10, 20, 30, 40]  # the resumed run continued the history
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.1, hist  # starts near ln 4 = 1.386
     assert hist[-1]["acc"] > 0.4  # rotation accuracy over the last 10 steps (chance 0.25)
-    for name in ("checkpoint.pt", "metrics.json", "config.yaml"):
+    for name in ("checkpoint.json", "model.safetensors", "optimizer.safetensors", "metrics.json", "config.yaml"):
         assert (out / name).is_file()
+    assert not list(out.glob("*.pt"))  # no pickles
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and metrics["final_loss"] == hist[-1]["loss"] and "torch" in metrics["versions"]
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = json.loads((out / "checkpoint.json").read_text())
     assert state["config"]["objective"]["kind"] == "rotation" and state["step"] == 40
     backbone, info = load_backbone(out)
     assert info["image_size"] == 32 and len(info["normalization"]["mean"]) == 3
@@ -143,7 +149,7 @@ def test_contrastive_demos_run_and_checkpoint(recipe, tmp_path):
     result = pretrain(cfg, tmp_path, progress=False)
     losses = [h["loss"] for h in result.metrics["history"]]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "checkpoint.json").is_file() and (tmp_path / "model.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,3 +232,75 @@ def test_finetune_and_cli_report(rotation_run, tmp_path):
             "--set", "dataset.train_limit=100", "--set", "dataset.test_limit=50", "--set", "knn.k=[5]"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads(report2.read_text())["protocol"] == "knn"
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoint safety and bad input
+# --------------------------------------------------------------------------------------------------
+class _Boom:
+    """Unpickling this calls os.system: a crafted checkpoint that would run a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _run_cli(argv, capsys):
+    from synthgen.cli import main
+    import synthgen.cli.pretrain_cmds  # noqa: F401
+
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@needs_cifar
+def test_crafted_pickle_checkpoint_never_runs(tmp_path, capsys):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(pickle.dumps({"kind": "synthgen-pretrain", "x": _Boom(marker)}))
+    # evaluate --checkpoint on the file and on its folder; pretrain --out on the folder
+    for ckpt in (folder / "checkpoint.pt", folder):
+        rc, _, err = _run_cli(["evaluate", "--checkpoint", str(ckpt), "--dataset", str(CIFAR10), "-q",
+                               "--set", "dataset.train_limit=20", "--set", "dataset.test_limit=10"], capsys)
+        assert rc == 1 and err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err, err
+    rc, _, err = _run_cli(["pretrain", "rotation-vit-demo", "--set", SRC, "--set", "schedule.max_steps=1", "--out", str(folder), "-q"], capsys)
+    assert rc == 0, err  # the pickle is ignored: only checkpoint.json + safetensors are checkpoints
+    assert not marker.exists()
+
+
+@needs_cifar
+def test_garbage_and_foreign_checkpoints_are_one_line(rotation_run, tmp_path, capsys):
+    import shutil
+
+    base = ["--dataset", str(CIFAR10), "-q", "--set", "dataset.train_limit=20", "--set", "dataset.test_limit=10"]
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "checkpoint.json").write_bytes(b"\x80\x04garbage\x00")
+    rc, _, err = _run_cli(["evaluate", "--checkpoint", str(garbage), *base], capsys)
+    assert rc == 1 and "not a readable checkpoint" in err and "Traceback" not in err and err.count("\n") == 1
+    # a checkpoint of another model: the recipe's model spec swapped for a wider ViT
+    other = tmp_path / "other"
+    shutil.copytree(rotation_run[0], other)
+    doc = json.loads((other / "checkpoint.json").read_text())
+    doc["model"]["kwargs"]["embed_dim"] = 128
+    (other / "checkpoint.json").write_text(json.dumps(doc))
+    rc, _, err = _run_cli(["evaluate", "--checkpoint", str(other), *base], capsys)
+    assert rc == 1 and "holds the weights of another model" in err and err.count("\n") == 1, err
+    # tensors that do not belong to the JSON (a partial or mixed checkpoint)
+    (other / "model.safetensors").write_bytes((other / "optimizer.safetensors").read_bytes())
+    rc, _, err = _run_cli(["evaluate", "--checkpoint", str(other), *base], capsys)
+    assert rc == 1 and "sha256 differs" in err
+
+
+def test_pretrain_with_a_missing_dataset_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = _run_cli(["pretrain", "rotation-vit-demo", "--set", f"dataset.source={tmp_path / 'nowhere'}", "--out", str(out)], capsys)
+    assert rc == 1 and "not found" in err and not out.exists()

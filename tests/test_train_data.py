@@ -164,42 +164,48 @@ def test_parquet_file_and_mixed_sizes(tmp_path):
 
 @needs_cifar
 def test_classifier_is_deterministic_and_learns(one_thread):
+    from synthgen.train.callbacks import EarlyStopping, ReduceLROnPlateau
     from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
     from synthgen.train.data import load_image_dataset, split_train_val
     from synthgen.train.models import create_model
+    from synthgen.train.runtime import Runtime
 
     ds = load_image_dataset(str(CIFAR), "train", limit=400)
     tr, va = split_train_val(ds, 0.1, seed=0)
-    cfg = TrainConfig(epochs=2, batch_size=50, label_smoothing=0.1, early_stopping_patience=1, plateau_patience=0)
+    cfg = TrainConfig(epochs=3, batch_size=50, label_smoothing=0.1)
+    rt = Runtime.create("cpu")
     outs = []
     for _ in range(2):
         torch.manual_seed(0)
-        r = train_classifier(create_model("resnet20", 10), tr, va, cfg, device="cpu", quiet=True)
-        outs.append((r, evaluate_classifier(r.model, va, mean=r.mean, std=r.std, device="cpu")))
-    (r1, e1), (r2, e2) = outs
-    assert r1.history == [{**h, "epoch_s": r1.history[i]["epoch_s"]} for i, h in enumerate(r2.history)]
+        model = create_model("resnet20", 10)
+        stop = EarlyStopping("val_loss", "min", patience=5, restore_best=model)
+        r = train_classifier(model, tr, va, cfg, runtime=rt, callbacks=[ReduceLROnPlateau(None, "val_loss", "min", patience=1), stop],
+                             quiet=True)
+        outs.append((r, stop, evaluate_classifier(r.model, va, mean=r.mean, std=r.std, runtime=rt)))
+    (r1, s1, e1), (r2, _, e2) = outs
+    assert [{**h, "epoch_s": 0} for h in r1.history] == [{**h, "epoch_s": 0} for h in r2.history]
     assert e1 == e2
-    assert r1.epochs_run == 2 and len(r1.history) == 2
+    assert r1.epochs_run == 3 and len(r1.history) == 3 and r1.steps == 3 * 8
     assert r1.history[-1]["train_loss"] < r1.history[0]["train_loss"] + 0.5
     # the restored weights are those of the best validation epoch
     best = min(r1.history, key=lambda h: h["val_loss"])
-    assert abs(e1["loss"] - best["val_loss"]) < 1e-4 and r1.best_epoch == best["epoch"]
+    assert abs(e1["loss"] - best["val_loss"]) < 1e-4 and s1.best_epoch == best["epoch"]
 
 
 def test_compile_modes_resolve_per_device_and_reject_unknown_names():
-    from synthgen.train.cas import CASProtocol
-    from synthgen.train.classify import compile_mode
+    from synthgen.train.cas import load_cas_protocol
+    from synthgen.train.runtime import compile_mode
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     # the CAS default: CUDA graphs on a GPU (a launch-bound ResNet-20 step halves there), none on a CPU
-    assert CASProtocol().compile == "auto"
+    assert load_cas_protocol()[0].compile == "auto"
     assert compile_mode("auto", cuda) == "reduce-overhead" and compile_mode("auto", cpu) is None
     assert [compile_mode(v, cpu) for v in (False, "off", None, True, "default", "max-autotune")] == [
         None, None, None, "default", "default", "max-autotune"]
     with pytest.raises(SynthgenError, match="compile must be auto, off, default, reduce-overhead"):
         compile_mode("fastest", cpu)
-    with pytest.raises(ValueError, match="compile must be"):
-        CASProtocol(compile="fastest")
+    with pytest.raises(SynthgenError, match="compile must be"):
+        load_cas_protocol(None, ["compile=fastest"])
 
 
 @needs_cifar
@@ -208,12 +214,41 @@ def test_auto_compile_leaves_cpu_training_eager(monkeypatch, one_thread):
     from synthgen.train.classify import TrainConfig, train_classifier
     from synthgen.train.data import load_image_dataset, split_train_val
     from synthgen.train.models import create_model
+    from synthgen.train.runtime import Runtime
 
     def no_compile(*args, **kwargs):
         raise AssertionError("torch.compile called on CPU")
 
     monkeypatch.setattr(torch, "compile", no_compile)
     tr, va = split_train_val(load_image_dataset(str(CIFAR), "train", limit=120), 0.2, seed=0)
-    r = train_classifier(create_model("resnet20", 10), tr, va, TrainConfig(epochs=1, batch_size=32, compile="auto"),
-                         device="cpu", quiet=True)
+    r = train_classifier(create_model("resnet20", 10), tr, va, TrainConfig(epochs=1, batch_size=32),
+                         runtime=Runtime.create("cpu", compile="auto"), quiet=True)
     assert r.epochs_run == 1 and r.device == "cpu"
+
+
+@needs_cifar
+def test_streamed_batches_match_the_decoded_tensor(one_thread):
+    """The stream yields the same images and labels as the in-memory path (in order), and a full
+    shuffled epoch visits every row once; a classifier trains from it."""
+    from synthgen.train.classify import TrainConfig, train_classifier
+    from synthgen.train.data import load_image_dataset
+    from synthgen.train.models import create_model
+    from synthgen.train.runtime import Runtime
+    from synthgen.train.stream import StreamBatches
+
+    rt = Runtime.create("cpu")
+    ds = load_image_dataset(str(CIFAR), "train", limit=300)
+    stream = StreamBatches(str(CIFAR), "train", rt, limit=300, num_workers=2, shuffle_buffer=64)
+    assert len(stream) == 300 and stream.class_names == ds.class_names and stream.source["streamed"]
+    xs, ys = zip(*stream.epoch(100, None))
+    assert torch.equal(torch.cat(xs), ds.images) and torch.equal(torch.cat(ys), ds.labels)
+    on_device = StreamBatches(str(CIFAR), "train", rt, limit=300, num_workers=0, decode="device")  # torchvision's decoder
+    assert torch.equal(torch.cat([x for x, _ in on_device.epoch(100, None)]), ds.images)
+    shuffled = torch.cat([y for _, y in stream.epoch(64, 1, min_batch=1)])
+    assert len(shuffled) == 300 and torch.equal(torch.bincount(shuffled, minlength=10), torch.bincount(ds.labels, minlength=10))
+    assert not torch.equal(shuffled, ds.labels)
+    r = train_classifier(create_model("resnet20", 10), stream, None, TrainConfig(epochs=1, batch_size=64, normalization="unit"),
+                         runtime=rt, quiet=True)
+    assert r.epochs_run == 1 and r.steps == 5 and r.history[0]["train_loss"] > 0
+    with pytest.raises(SynthgenError, match="no split 'validation'"):
+        StreamBatches(str(CIFAR), "validation", rt)

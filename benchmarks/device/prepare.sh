@@ -10,7 +10,7 @@ PY=${PY:-.venv/bin/python}
 mkdir -p .whl .devdata
 rm -f .whl/*.whl
 for pkg in datasets dill multiprocess pydantic pydantic-core annotated-types typing-inspection typing-extensions \
-           diffusers requests charset-normalizer idna urllib3 certifi; do
+           safetensors diffusers requests charset-normalizer idna urllib3 certifi; do
   ver=$("$PY" -c "import importlib.metadata as m; print(m.version('$pkg'))")
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,6 +41,8 @@ def pretrain(
     config = load_pretrain_config(recipe, overrides)
     out_dir = out or Path("runs") / "pretrain" / config.name
     result = run_pretrain(config, out_dir, resume=not no_resume, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     m = result.metrics
     if result.resumed_from_step is not None:
         console.print(f"resumed from step {result.resumed_from_step}")
@@ -49,7 +52,7 @@ def pretrain(
         f"{config.name}: {m['step']}/{m['total_steps']} steps on {m['images']} images, "
         f"loss {first} -> {final}, {m['elapsed_s']}s on {m['device']}"
     )
-    console.print(f"checkpoint: {result.checkpoint}")
+    console.print(f"checkpoint: {result.out_dir}", soft_wrap=True)
 
 
 @app.command()
@@ -57,7 +60,7 @@ def evaluate(
     recipe: Optional[str] = typer.Argument(
         None, help="An evaluation recipe under train/ (linear-probe-cifar10, knn-cifar10, finetune-cifar10) or a YAML file."
     ),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="A `synthgen pretrain` output folder or checkpoint.pt."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="A `synthgen pretrain` output folder."),
     model: Optional[str] = typer.Option(None, "--model", help="Without a checkpoint: a model name (random init), or 'pixels'."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A labelled dataset: local folder/parquet (relative to the cwd) or Hub id."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of --dataset."),
@@ -105,8 +108,7 @@ def evaluate(
     report = run_evaluate(config, progress=not quiet)
     if out is None:
         if config.checkpoint is not None:
-            ckpt = Path(report["backbone"]["checkpoint"]).parent
-            out = ckpt / "eval" / f"{config.name}.json"
+            out = Path(report["backbone"]["checkpoint"]) / "eval" / f"{config.name}.json"
         else:
             out = Path("runs") / "eval" / f"{config.name}.json"
     path = write_report(report, out)

@@ -5,6 +5,11 @@ shipped ``prompts/combinatorial.yaml`` has category (1,000 ImageNet-1K names) x 
 (12) x view (10) x illumination (10) = 9,600,000 prompts, e.g.
 "American Alligator, Small, Gray, Left-Side View, Twilight".
 
+Prompts use plain category words, as the paper's do: a value written ``Word (Sense)`` in the
+vocabulary (ImageNet has two classes called "crane", two "maillot", two "cardigan") is ``Word`` in
+the prompt and keeps its full ``Word (Sense)`` as the label name, so the two classes stay two labels
+(:func:`prompt_word`).
+
 ``count`` distinct prompts are drawn without materialising the product: image ``i`` takes
 combination ``perm(i)``, where ``perm`` is a keyed pseudo-random permutation of
 ``range(space_size)`` (:class:`KeyedPermutation`: a balanced Feistel network over the smallest even
@@ -15,6 +20,7 @@ The combination number is decoded in mixed radix, the first axis most significan
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -24,6 +30,14 @@ from synthgen.errors import RecipeError, SynthgenError
 from synthgen.prompts.base import PromptRecord, check_index, stable_uint64
 from synthgen.prompts.tables import resolve_data_file
 from synthgen.recipe import CombinatorialPrompts
+
+_SENSE = re.compile(r"\s*\([^()]*\)$")
+
+
+def prompt_word(value: str) -> str:
+    """A vocabulary value as it appears in a prompt: ``"Crane (Wading Bird)"`` -> ``"Crane"``."""
+    return _SENSE.sub("", value)
+
 
 _MASK64 = (1 << 64) - 1
 _M1 = 0xBF58476D1CE4E5B9  # splitmix64 finaliser constants
@@ -152,6 +166,7 @@ class CombinatorialSampler:
             self.class_names = list(self.axes[self.label_axis])
         self.permutation = KeyedPermutation(self.space_size, ("combinatorial", self.seed))
         self._values = list(self.axes.values())
+        self._words = [np.asarray([prompt_word(v) for v in vals], dtype=object) for vals in self._values]
 
     def __len__(self) -> int:
         return self.count
@@ -166,13 +181,14 @@ class CombinatorialSampler:
 
     def _record(self, i: int, combination: int, digits: Sequence[int]) -> PromptRecord:
         values = [vals[d] for vals, d in zip(self._values, digits)]
+        words = [w[d] for w, d in zip(self._words, digits)]
         label = label_name = None
         if self._label_pos is not None:
             label = int(digits[self._label_pos])
             label_name = values[self._label_pos]
         return PromptRecord(
             index=i,
-            prompt=self.config.separator.join(values),
+            prompt=self.config.separator.join(words),
             label=label,
             label_name=label_name,
             group=i,
@@ -203,7 +219,7 @@ class CombinatorialSampler:
     def prompts_for(self, indices: Sequence[int] | np.ndarray) -> list[str]:
         """The prompts of many images at once: ``[self[i].prompt for i in indices]``, faster."""
         digits = self._digits(self.combinations(indices))
-        columns = [np.asarray(vals, dtype=object)[d] for vals, d in zip(self._values, digits)]
+        columns = [words[d] for words, d in zip(self._words, digits)]
         sep = self.config.separator
         return [sep.join(parts) for parts in zip(*columns)]
 

@@ -171,12 +171,23 @@ def gaussian_blur(
 
 
 def random_crop_flip(
-    images: torch.Tensor, padding: int = 4, flip_p: float = 0.5, generator: torch.Generator | None = None
+    images: torch.Tensor,
+    padding: int = 4,
+    flip_p: float = 0.5,
+    generator: torch.Generator | None = None,
+    fill: str = "reflect",
 ) -> torch.Tensor:
-    """The standard CIFAR augmentation: reflect-pad by ``padding``, random crop back, random h-flip."""
+    """The standard CIFAR augmentation, batched on the images' device: pad by ``padding``
+    (``fill``: ``reflect`` or ``zeros``), crop a random window back to size, flip horizontally with
+    probability ``flip_p``. The only crop-and-flip in synthgen (classification and pre-training)."""
+    if fill not in ("reflect", "zeros"):
+        raise ValueError(f"fill must be 'reflect' or 'zeros', got {fill!r}")
     b, c, h, w = images.shape
     dev = images.device
-    x = F.pad(images, (padding,) * 4, mode="reflect") if padding > 0 else images
+    if padding > 0:
+        x = F.pad(images, (padding,) * 4, mode="reflect" if fill == "reflect" else "constant")
+    else:
+        x = images
     oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
     rows = (oy.view(-1, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1).expand(b, c, h, x.shape[-1])

@@ -1,25 +1,26 @@
 """Classification Accuracy Score (CAS): train on synthetic images, test on real ones.
 
-:func:`cas_score` trains the protocol's classifier on a synthetic dataset and reports its top-1 and
-top-5 accuracy on the REAL test split, next to the same classifier trained on the real training
-split (the "real baseline"; cached on disk, so each protocol/seed/device pays for it once).
+A CAS **protocol** is a YAML file in ``train/`` (``kind: cas``), validated by :class:`CASProtocol`
+and overridable with ``--set key=value``. ``cas-lomurno`` (the default) is exact to Lomurno et al.'s
+published code: their ResNet-20 with 64 initial filters, Adam 1e-3, label smoothing 0.1, batch 256,
+Keras' ReduceLROnPlateau (patience 10) and early stopping (patience 25, best weights restored) on
+the validation accuracy, inputs rescaled to [0, 1]; the real baseline fits on the first 40,000 real
+training images and validates on the next 10,000, and a synthetic run at scale xk fits on
+k x 40,000 synthetic images and validates on those SAME real held-out training images. The real
+test split only scores. ``cas-carved-val`` keeps the earlier split (45k/5k carved per run).
 
-Default protocol (:class:`CASProtocol`) = Lomurno et al. (CIFAR-10 Table 2): ResNet-20 (the
-64-filter width of their code, ``resnet20_w64``), 100 epochs, Adam lr 1e-3, label smoothing 0.1,
-batch 256, ReduceLROnPlateau(patience 10, factor 0.1, min lr 1e-5) and early stopping (patience 25)
-on the validation accuracy, with best weights restored, no augmentation, images at the real set's
-resolution. The validation split is carved (10%, stratified, seeded) from the TRAINING data of each
-run: from the real training split for the baseline, from the synthetic images for a synthetic run.
-The real test split is only ever used for the final score (unlike the published code, which tuned
-on it).
+Two levels of API:
 
-Labels are matched BY NAME: synthetic class ``"cat"`` is trained as the real class ``"cat"``
-whatever its index (names compared exactly, then case/underscore/hyphen-insensitively); names
-absent from the real set are an error before any training.
+* :func:`train_cas_classifier` - ONE classifier: fit images (synthetic or real, labels already in
+  the real class ids), validation images, a protocol and extra callbacks (e.g. Optuna pruning) in;
+  per-epoch history and final metrics out. It reads no test split unless ``test`` is given.
+  :func:`load_real_splits` gives the real fit / validation (/ test) splits of a protocol and
+  :func:`relabel_to_real` maps a synthetic set's labels onto the real class ids by name.
+* :func:`cas_score` - the whole table: the real baseline (cached on disk per protocol, seed, device
+  and data) and one synthetic run per scale, each scored on the real test split.
 
-``scales=[1, 2, ...]``: a run per scale k on the FIRST ``k * len(real train)`` synthetic images
-(their Table 2 columns x1..x10). A synthetic set too small for a requested scale is an error
-before any training (not a silent skip), naming the largest scale it can serve.
+Labels are matched BY NAME (exactly, then case/underscore/hyphen-insensitively); names absent from
+the real set are an error before any training.
 """
 
 from __future__ import annotations
@@ -27,59 +28,90 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from synthgen.errors import SynthgenError
-from synthgen.train import classify as _classify
-from synthgen.train.classify import TrainConfig, compile_mode, evaluate_classifier, resolve_device
+from synthgen.train.callbacks import Callback, EarlyStopping, ReduceLROnPlateau
+from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
 from synthgen.train.data import ImageTensorDataset, load_image_dataset, split_train_val
 from synthgen.train.models import create_model
+from synthgen.train.runtime import Runtime, compile_mode
 
-__all__ = ["CASProtocol", "cas_score", "train_and_score", "match_labels", "results_table", "BASELINE_CACHE_VERSION"]
+__all__ = [
+    "DEFAULT_PROTOCOL",
+    "CASProtocol",
+    "PlateauSpec",
+    "EarlyStoppingSpec",
+    "load_cas_protocol",
+    "protocol_callbacks",
+    "RealSplits",
+    "CASRun",
+    "load_real_splits",
+    "relabel_to_real",
+    "train_cas_classifier",
+    "cas_score",
+    "match_labels",
+    "results_table",
+    "BASELINE_CACHE_VERSION",
+]
 
-BASELINE_CACHE_VERSION = 2
+DEFAULT_PROTOCOL = "cas-lomurno"
+BASELINE_CACHE_VERSION = 3
 
 
-class CASProtocol(BaseModel):
-    """How a CAS classifier is trained; defaults = Lomurno et al. (ResNet-20 on CIFAR-10).
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
-    Where the paper's text is silent, the defaults follow their published training code: the
-    ResNet-20 there has 64 initial filters (``resnet20_w64``, 4.29M parameters; their CIFAR-10 log
-    records 4,291,530), and the plateau schedule and early stopping watch the validation ACCURACY
-    (best weights restored, learning rate floored at 1e-5). ``model="resnet20"`` gives He et al.'s
-    0.27M-parameter network, which is 16x cheaper but reaches far lower accuracy here.
-    """
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class PlateauSpec(_Strict):
+    """Keras' ReduceLROnPlateau (see :class:`synthgen.train.callbacks.ReduceLROnPlateau`)."""
 
-    name: str = "lomurno2024-resnet20"
-    model: str = "resnet20_w64"
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(256, ge=2)
-    optimizer: str = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
     monitor: str = "val_acc"
-    plateau_patience: int | None = 10
-    plateau_factor: float = Field(0.1, gt=0, lt=1)
-    min_lr: float = Field(1e-5, ge=0)
-    early_stopping_patience: int | None = 25
-    val_fraction: float = Field(0.1, ge=0, lt=1)  # 0: no validation split (no plateau/early stopping)
-    augment: bool = False
-    image_size: int | None = None  # None: the real set's resolution
-    limit_real: int | None = Field(None, ge=1)  # first N rows of the real training split
-    limit_real_test: int | None = Field(None, ge=1)  # first N rows of the real test split
-    limit_synthetic: int | None = Field(None, ge=1)  # first N rows of the synthetic split
-    amp: str = "auto"
-    # torch.compile mode of the classifier: auto (reduce-overhead = CUDA graphs on CUDA, off on CPU) |
-    # off | default | reduce-overhead | max-autotune. On an H100 it halves a baseline run (161 s eager,
-    # 85 s compiled, ~20 s of it compiling): benchmarks/results/cas-baseline-resnet20_w64-cuda-*.json
-    compile: str = "auto"
-    eval_batch_size: int = Field(1024, ge=1)
+    mode: Literal["min", "max"] = "max"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(10, ge=1)
+    min_lr: float = Field(0.0, ge=0)
+    min_delta: float = Field(1e-4, ge=0)
+    cooldown: int = Field(0, ge=0)
+
+
+class EarlyStoppingSpec(_Strict):
+    """Keras' EarlyStopping (see :class:`synthgen.train.callbacks.EarlyStopping`)."""
+
+    monitor: str = "val_acc"
+    mode: Literal["min", "max"] = "max"
+    patience: int = Field(25, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    restore_best: bool = True
+
+
+class CASProtocol(TrainConfig):
+    """A CAS protocol: the classifier's training (:class:`TrainConfig`) plus data split and schedule."""
+
+    kind: Literal["cas"] = "cas"
+    name: str = DEFAULT_PROTOCOL
+    model: str = "resnet20_w64"
+    normalization: Literal["dataset", "unit", "cifar", "imagenet", "half"] = "unit"
+    real_fit: Optional[int] = Field(40000, ge=1)  # the first N real training images fit the baseline (null: all)
+    real_val: Optional[int] = Field(10000, ge=1)  # the next N are the real held-out validation images
+    # real: every run validates on the real held-out images; carve: each run carves val_fraction of its
+    # own training data; none: no validation (no plateau schedule, no early stopping)
+    validation: Literal["real", "carve", "none"] = "real"
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # carve only
+    scale_unit: Optional[int] = Field(None, ge=1)  # synthetic images per x1 (null: as many as the baseline's real images)
+    plateau: Optional[PlateauSpec] = Field(default_factory=PlateauSpec)
+    early_stopping: Optional[EarlyStoppingSpec] = Field(default_factory=EarlyStoppingSpec)
+    image_size: Optional[int] = Field(None, ge=8)  # null: the real set's resolution
+    limit_real_test: Optional[int] = Field(None, ge=1)  # the first N rows of the real test split
+    limit_synthetic: Optional[int] = Field(None, ge=1)  # the first N rows of the synthetic split
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    compile: str = "auto"  # auto (CUDA graphs on CUDA, eager on CPU) | off | default | reduce-overhead | max-autotune
 
     @field_validator("compile")
     @classmethod
@@ -90,25 +122,62 @@ class CASProtocol(BaseModel):
             raise ValueError(str(exc)) from None
         return v
 
-    def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            label_smoothing=self.label_smoothing,
-            monitor=self.monitor,
-            plateau_patience=self.plateau_patience,
-            plateau_factor=self.plateau_factor,
-            min_lr=self.min_lr,
-            early_stopping_patience=self.early_stopping_patience,
-            augment=self.augment,
-            amp=self.amp,
-            compile=self.compile,
-            eval_batch_size=self.eval_batch_size,
-            seed=seed,
-        )
+    @field_validator("amp")
+    @classmethod
+    def _amp(cls, v: str) -> str:
+        if v not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"must be auto, bf16, fp16 or off (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _split(self) -> "CASProtocol":
+        if self.validation == "real" and self.real_val is None:
+            raise ValueError("validation: real needs real_val (the number of real held-out images)")
+        if self.validation != "real" and self.real_val is not None:
+            raise ValueError(f"real_val is only used with validation: real (validation is {self.validation!r}); set it to null")
+        return self
+
+
+def load_cas_protocol(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple[CASProtocol, dict]:
+    """A protocol from ``train/`` (by name) or a YAML file, with ``--set`` overrides; returns it and
+    its provenance: file, the file's sha256, the overrides and the hash of the resolved values."""
+    from synthgen.train.config import _validate, train_recipe_path
+    from synthgen.recipe import apply_overrides, read_yaml_mapping
+
+    path = train_recipe_path(name_or_path or DEFAULT_PROTOCOL)
+    data = read_yaml_mapping(path, "CAS protocol")
+    if data.get("kind") != "cas":
+        raise SynthgenError(f"{path} is not a CAS protocol (it has no 'kind: cas')")
+    data = apply_overrides(data, list(overrides))
+    protocol = _validate(CASProtocol, data, str(path))
+    return protocol, {
+        "file": str(path),
+        "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "overrides": list(overrides),
+        "hash": protocol_hash(protocol),
+    }
+
+
+def protocol_hash(protocol: CASProtocol) -> str:
+    return hashlib.sha256(json.dumps(protocol.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def protocol_callbacks(protocol: CASProtocol, model: nn.Module) -> list[Callback]:
+    """The protocol's plateau schedule and early stopping (the optimizer is attached by the loop)."""
+    out: list[Callback] = []
+    if protocol.validation == "none":
+        return out
+    if protocol.plateau is not None:
+        p = protocol.plateau
+        out.append(ReduceLROnPlateau(None, p.monitor, p.mode, p.factor, p.patience, p.min_lr, p.min_delta, p.cooldown))
+    if protocol.early_stopping is not None:
+        e = protocol.early_stopping
+        out.append(EarlyStopping(e.monitor, e.mode, e.patience, e.min_delta, restore_best=model if e.restore_best else None))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# labels and data
 
 
 def _norm(name: str) -> str:
@@ -134,89 +203,189 @@ def match_labels(synthetic_names: Sequence[str], real_names: Sequence[str]) -> t
     return torch.tensor(out, dtype=torch.long)
 
 
+def relabel_to_real(syn: ImageTensorDataset, real_class_names: Sequence[str]) -> ImageTensorDataset:
+    """``syn`` with its labels mapped to the real class ids by name (the class names become the real ones)."""
+    label_map = match_labels(syn.class_names, real_class_names)
+    return ImageTensorDataset(images=syn.images, labels=label_map[syn.labels], groups=syn.groups,
+                              class_names=list(real_class_names), source=syn.source)
+
+
 def _load(source, split, revision, image_size, limit, image_column, label_column, role) -> ImageTensorDataset:
     if isinstance(source, ImageTensorDataset):
         ds = source
         if limit is not None and limit < len(ds):
             ds = ds.subset(slice(0, limit))
     else:
-        ds = load_image_dataset(
-            str(source), split, revision=revision, image_size=image_size, limit=limit,
-            image_column=image_column, label_column=label_column, require_labels=True,
-        )
+        ds = load_image_dataset(str(source), split, revision=revision, image_size=image_size, limit=limit,
+                                image_column=image_column, label_column=label_column, require_labels=True)
     if ds.labels is None:
         raise SynthgenError(f"the {role} dataset {ds.describe()} has no labels")
     if ds.class_names is None:
-        raise SynthgenError(
-            f"the {role} dataset {ds.describe()} has integer labels without class names "
-            "(CAS matches classes by name; make the label column a ClassLabel)"
-        )
+        raise SynthgenError(f"the {role} dataset {ds.describe()} has integer labels without class names "
+                            "(CAS matches classes by name; make the label column a ClassLabel)")
     return ds
 
 
-def train_and_score(
-    train_ds: ImageTensorDataset,
-    test_ds: ImageTensorDataset,
-    protocol: CASProtocol,
-    seed: int,
-    num_classes: int,
-    device,
+@dataclass
+class RealSplits:
+    """The real images of a protocol: ``fit`` trains the baseline (with ``validation: carve`` its
+    validation share is carved from it per run), ``val`` validates every run (None with
+    ``validation: carve/none``), ``test`` scores (None unless asked for)."""
+
+    train: ImageTensorDataset
+    fit: ImageTensorDataset
+    val: Optional[ImageTensorDataset]
+    test: Optional[ImageTensorDataset] = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.train.class_names)
+
+    @property
+    def scale_base(self) -> int:
+        """Images per scale x1 when the protocol leaves ``scale_unit`` null: the baseline's real
+        training images (fit, plus the share it carves with ``validation: carve``)."""
+        return len(self.fit)
+
+
+def load_real_splits(real, protocol: CASProtocol, *, revision: str | None = None, train_split: str = "train",
+                     test_split: str = "test", with_test: bool = False, seed: int = 0) -> RealSplits:
+    """Load ``real`` (a source with train/test splits, or a ``(train, test)`` pair of datasets) and cut
+    the protocol's fit / validation images from its TRAINING split. The test split is only loaded
+    when ``with_test``."""
+    p = protocol
+    need = None if p.real_fit is None else p.real_fit + (p.real_val or 0)
+    pair = isinstance(real, tuple)
+    train = _load(real[0] if pair else real, train_split, None if pair else revision, p.image_size, need, None, None, "real training")
+    size = train.image_size
+    if size[0] != size[1]:
+        raise SynthgenError(f"real images are {size[0]}x{size[1]}; CAS expects square images (set image_size)")
+    if p.validation == "real":
+        n_fit = p.real_fit if p.real_fit is not None else len(train) - p.real_val
+        if n_fit < 2 or n_fit + p.real_val > len(train):
+            raise SynthgenError(f"the protocol fits on {p.real_fit} and validates on {p.real_val} real training images, "
+                                f"but {train.describe()} has {len(train)}; lower real_fit/real_val")
+        fit, val = train.subset(slice(0, n_fit)), train.subset(slice(n_fit, n_fit + p.real_val))
+    else:
+        # carve: each run (train_cas_classifier) carves its validation share from its own images
+        fit, val = (train if p.real_fit is None else train.subset(slice(0, p.real_fit))), None
+    test = None
+    if with_test:
+        test = _load(real[1] if pair else real, test_split, None if pair else revision, p.image_size, p.limit_real_test,
+                     None, None, "real test")
+        if test.class_names != train.class_names:
+            raise SynthgenError("the real training and test splits have different class names")
+        if test.image_size != size:
+            raise SynthgenError(f"real test images are {test.image_size}, training images {size}")
+    return RealSplits(train=train, fit=fit, val=val, test=test)
+
+
+# --------------------------------------------------------------------------------------------------
+# one classifier
+
+
+@dataclass
+class CASRun:
+    """One trained CAS classifier: ``history`` (a row per epoch), ``metrics`` (best validation
+    accuracy and its epoch, epochs run, sizes; test top-1/top-5 in percent when scored)."""
+
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def to_json(self) -> dict:
+        return {**self.metrics, "history": self.history}
+
+
+def train_cas_classifier(
+    fit: ImageTensorDataset,
+    val: Optional[ImageTensorDataset],
+    protocol: CASProtocol | str | None = None,
+    *,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    runtime: Runtime | None = None,
+    device: str | None = None,
+    test: Optional[ImageTensorDataset] = None,
     quiet: bool = True,
     console=None,
     desc: str = "train",
-    label_map: torch.Tensor | None = None,
-) -> dict:
-    """One run of ``protocol``: carve the validation split from ``train_ds``, train, score on
-    ``test_ds``. :func:`cas_score` makes two of these (real baseline, synthetic)."""
+) -> CASRun:
+    """Train one classifier of ``protocol`` on ``fit``, validating on ``val`` every epoch.
+
+    ``fit`` and ``val`` carry labels in the same (real) class ids and class names (use
+    :func:`relabel_to_real` for a synthetic set); with ``validation: carve`` pass ``val=None`` and the
+    protocol's share is carved from ``fit``. ``callbacks`` run after the protocol's own (plateau,
+    early stopping) with ``on_epoch_end(epoch, row)``: ``row["val_acc"]`` is the fraction correct on
+    ``val``; returning True stops the run (Optuna pruning). ``test`` (optional) is scored once at the
+    end with the restored best weights; nothing else reads it.
+    """
+    if protocol is None or isinstance(protocol, str):
+        protocol = load_cas_protocol(protocol)[0]
     t0 = time.perf_counter()
-    if protocol.val_fraction > 0:
-        fit, val = split_train_val(train_ds, protocol.val_fraction, seed)
-    else:
-        fit, val = train_ds, None
+    if protocol.validation == "carve" and val is None:
+        fit, val = split_train_val(fit, protocol.val_fraction, seed)
+    if protocol.validation == "none":
+        val = None
+    if fit.class_names is None:
+        raise SynthgenError(f"{fit.describe()} has no class names")
+    rt = runtime or Runtime.create(device, amp=protocol.amp, compile=protocol.compile)
     torch.manual_seed(seed)
-    model = create_model(protocol.model, num_classes, image_size=train_ds.image_size[0])
-    res = _classify.train_classifier(
-        model, fit, val, protocol.train_config(seed), device=device, label_map=label_map, quiet=quiet, console=console, desc=desc
-    )
-    ev = evaluate_classifier(
-        res.model, test_ds, mean=res.mean, std=res.std, device=device, batch_size=protocol.eval_batch_size, amp=protocol.amp
-    )
-    return {
-        "top1": round(100.0 * ev["top1"], 4),
-        "top5": round(100.0 * ev["top5"], 4),
-        "test_loss": ev["loss"],
-        "n_train": len(fit),
-        "n_val": 0 if val is None else len(val),
-        "n_test": ev["n"],
-        **res.summary(),
-        "history": res.history,
-        "wall_s": round(time.perf_counter() - t0, 3),
-    }
+    model = create_model(protocol.model, len(fit.class_names), image_size=fit.image_size[0])
+    own = protocol_callbacks(protocol, model) if val is not None else []
+    res = train_classifier(model, fit, val, protocol, runtime=rt, callbacks=[*own, *callbacks], seed=seed,
+                           quiet=quiet, console=console, desc=desc)
+    stopper = next((c for c in own if isinstance(c, EarlyStopping)), None)
+    metrics: dict[str, Any] = {"n_train": len(fit), "n_val": 0 if val is None else len(val), **res.summary()}
+    if val is not None:
+        best = stopper.best_epoch if stopper is not None and stopper.best_epoch else max(res.history, key=lambda h: h["val_acc"])["epoch"]
+        metrics["best_epoch"] = best
+        metrics["best_val_acc"] = res.history[best - 1]["val_acc"]
+    if test is not None:
+        ev = evaluate_classifier(res.model, test, mean=res.mean, std=res.std, runtime=rt, batch_size=protocol.eval_batch_size)
+        metrics.update({"top1": round(100.0 * ev["top1"], 4), "top5": round(100.0 * ev["top5"], 4), "test_loss": ev["loss"], "n_test": ev["n"]})
+    metrics["wall_s"] = round(time.perf_counter() - t0, 3)
+    return CASRun(model=res.model, history=res.history, metrics=metrics, mean=res.mean, std=res.std)
 
 
-def _baseline_key(real_train: ImageTensorDataset, real_test: ImageTensorDataset, protocol: CASProtocol, seed: int, device) -> str:
-    p = protocol.model_dump()
-    p.pop("limit_synthetic", None)
-    p.pop("name", None)
+# --------------------------------------------------------------------------------------------------
+# the whole table
+
+
+def _baseline_key(real: RealSplits, protocol: CASProtocol, seed: int, device: torch.device) -> str:
+    p = protocol.model_dump(mode="json")
+    for k in ("name", "limit_synthetic", "scale_unit"):
+        p.pop(k, None)
     key = {
         "v": BASELINE_CACHE_VERSION,
-        "train": {k: real_train.source.get(k) for k in ("id", "revision", "split", "fingerprint", "subset")},
-        "test": {k: real_test.source.get(k) for k in ("id", "revision", "split", "fingerprint", "subset")},
-        "shape": list(real_train.images.shape),
+        "train": {k: real.train.source.get(k) for k in ("id", "revision", "sha", "split", "fingerprint", "subset")},
+        "test": {k: real.test.source.get(k) for k in ("id", "revision", "sha", "split", "fingerprint", "subset")},
+        "shape": list(real.train.images.shape),
         "protocol": p,
         "seed": seed,
-        "device": torch.device(device).type,
+        "device": device.type,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _environment(device: torch.device) -> dict:
+    from synthgen.provenance import environment
+
+    env = environment(device)
+    env.pop("host", None)  # results are shared; the machine's name is not needed to read them
+    return env
 
 
 def cas_score(
     synthetic: str | ImageTensorDataset,
     real: str | tuple[ImageTensorDataset, ImageTensorDataset],
-    protocol: CASProtocol | None = None,
+    protocol: CASProtocol | str | None = None,
     seed: int = 0,
     scales: Sequence[int] | None = None,
     *,
+    protocol_info: dict | None = None,
     synthetic_split: str = "train",
     synthetic_revision: str | None = None,
     real_train_split: str = "train",
@@ -229,60 +398,45 @@ def cas_score(
     quiet: bool = True,
     console=None,
 ) -> dict[str, Any]:
-    """Score ``synthetic`` by CAS against ``real`` (a source with train/test splits, or a
-    ``(train, test)`` pair of datasets). Returns a JSON-able dict with ``real`` (the baseline run),
-    ``runs`` (one per scale, or one on the whole synthetic set), the datasets, protocol, seed and
-    device. Accuracies are percentages. Every input check happens before any training."""
+    """Score ``synthetic`` by CAS against ``real``. Returns a JSON-able dict with ``real_baseline``,
+    ``runs`` (one per scale, or one on the whole synthetic set), the datasets (with resolved Hub
+    commits), the protocol (values, file, hash), seed and environment. Accuracies are percentages.
+    Every input check happens before any training."""
     from synthgen.paths import cache_dir
-    from synthgen.provenance import environment
 
-    protocol = protocol or CASProtocol()
-    dev = resolve_device(device)
+    if protocol is None or isinstance(protocol, str):
+        protocol, protocol_info = load_cas_protocol(protocol)
+    info = dict(protocol_info or {"file": None, "hash": protocol_hash(protocol)})
+    rt = Runtime.create(device, amp=protocol.amp, compile=protocol.compile)
     t0 = time.perf_counter()
     # ---- load and check everything first
-    if isinstance(real, tuple):
-        real_train = _load(real[0], real_train_split, None, None, protocol.limit_real, None, None, "real training")
-        real_test = _load(real[1], real_test_split, None, None, protocol.limit_real_test, None, None, "real test")
-    else:
-        real_train = _load(real, real_train_split, real_revision, protocol.image_size, protocol.limit_real, None, None, "real training")
-        real_test = _load(real, real_test_split, real_revision, protocol.image_size, protocol.limit_real_test, None, None, "real test")
-    if real_test.class_names != real_train.class_names:
-        raise SynthgenError("the real training and test splits have different class names")
-    size = real_train.image_size
-    if size[0] != size[1]:
-        raise SynthgenError(f"real images are {size[0]}x{size[1]}; CAS expects square images (pass image_size)")
-    if real_test.image_size != size:
-        raise SynthgenError(f"real test images are {real_test.image_size}, training images {size}")
-    syn = _load(
-        synthetic, synthetic_split, synthetic_revision, size[0], protocol.limit_synthetic,
-        synthetic_image_column, synthetic_label_column, "synthetic",
-    )
+    real_splits = load_real_splits(real, protocol, revision=real_revision, train_split=real_train_split,
+                                   test_split=real_test_split, with_test=True, seed=seed)
+    names = real_splits.class_names
+    size = real_splits.train.image_size
+    syn = _load(synthetic, synthetic_split, synthetic_revision, size[0], protocol.limit_synthetic,
+                synthetic_image_column, synthetic_label_column, "synthetic")
     if syn.image_size != size:
         raise SynthgenError(f"synthetic images are {syn.image_size}, real ones {size}; resize them to the real resolution")
-    label_map = match_labels(syn.class_names, real_train.class_names)
-    present = torch.unique(label_map[torch.unique(syn.labels)]).tolist()
-    missing = [n for i, n in enumerate(real_train.class_names) if i not in set(present)]
-    # relabel the synthetic set with the real class ids, so that everything downstream (the
-    # stratified validation split included) is independent of the synthetic class order
     syn_names = list(syn.class_names)
-    syn = ImageTensorDataset(
-        images=syn.images, labels=label_map[syn.labels], groups=syn.groups,
-        class_names=list(real_train.class_names), source=syn.source,
-    )
-    n_real = len(real_train)
+    label_map = match_labels(syn_names, names)
+    present = set(torch.unique(label_map[torch.unique(syn.labels)]).tolist())
+    missing = [n for i, n in enumerate(names) if i not in present]
+    syn = relabel_to_real(syn, names)
+    unit = protocol.scale_unit or real_splits.scale_base
     scale_list = [int(k) for k in scales] if scales else []
     for k in scale_list:
         if k < 1:
             raise SynthgenError(f"scales must be positive integers, got {k}")
-        if k * n_real > len(syn):
-            raise SynthgenError(
-                f"scale x{k} needs {k * n_real} synthetic images (x{k} the {n_real} real training images) but "
-                f"{syn.describe()} has {len(syn)}; the largest scale it serves is x{len(syn) // n_real}"
-            )
-    num_classes = len(real_train.class_names)
+        if k * unit > len(syn):
+            largest = len(syn) // unit
+            serves = (f"the largest scale it serves is x{largest}" if largest else
+                      f"that is less than one scale unit ({unit} images); score it without --scales, or set scale_unit")
+            raise SynthgenError(f"scale x{k} needs {k * unit} synthetic images (x{k} of {unit}) but "
+                                f"{syn.describe()} has {len(syn)}; {serves}")
 
     # ---- the real baseline (cached)
-    key = _baseline_key(real_train, real_test, protocol, seed, dev)
+    key = _baseline_key(real_splits, protocol, seed, rt.device)
     cache_file = cache_dir() / "cas" / f"baseline-{key}.json"
     real_run = None
     if use_cache and cache_file.exists():
@@ -292,37 +446,41 @@ def cas_score(
         except (OSError, ValueError):
             real_run = None
     if real_run is None:
-        real_run = train_and_score(real_train, real_test, protocol, seed, num_classes, dev, quiet, console, "real")
-        real_run["cached"] = False
-        if use_cache:
+        run = train_cas_classifier(real_splits.fit, real_splits.val, protocol, seed=seed, runtime=rt, test=real_splits.test,
+                                   quiet=quiet, console=console, desc="real")
+        real_run = {**run.to_json(), "cached": False}
+        if use_cache and rt.is_main:
+            from synthgen.train.checkpoint import atomic_write_text
+
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({k: v for k, v in real_run.items() if k != "cached"}, default=str))
-            tmp.replace(cache_file)
+            atomic_write_text(cache_file, json.dumps({k: v for k, v in real_run.items() if k != "cached"}, default=str))
 
     # ---- the synthetic runs
     runs = []
     for k in scale_list or [None]:
-        part = syn if k is None else syn.subset(slice(0, k * n_real))
-        desc = "synthetic" if k is None else f"synthetic x{k}"
-        r = train_and_score(part, real_test, protocol, seed, num_classes, dev, quiet, console, desc)
-        r["scale"] = k
-        r["n_images"] = len(part)
-        runs.append(r)
+        part = syn if k is None else syn.subset(slice(0, k * unit))
+        run = train_cas_classifier(part, real_splits.val, protocol, seed=seed, runtime=rt, test=real_splits.test, quiet=quiet,
+                                   console=console, desc="synthetic" if k is None else f"synthetic x{k}")
+        runs.append({**run.to_json(), "scale": k, "n_images": len(part)})
 
+    val_src = None if real_splits.val is None else {**real_splits.val.source, "rows": len(real_splits.val)}
     return {
         "synthetic": {**syn.source, "rows": len(syn), "class_names": syn_names},
-        "label_map": {n: real_train.class_names[int(j)] for n, j in zip(syn_names, label_map)},
+        "label_map": {n: names[int(j)] for n, j in zip(syn_names, label_map)},
         "real": {
-            "train": {**real_train.source, "rows": len(real_train)},
-            "test": {**real_test.source, "rows": len(real_test)},
-            "class_names": real_train.class_names,
+            "train": {**real_splits.train.source, "rows": len(real_splits.train)},
+            "fit": {**real_splits.fit.source, "rows": len(real_splits.fit)},
+            "validation": val_src,
+            "test": {**real_splits.test.source, "rows": len(real_splits.test)},
+            "class_names": names,
         },
         "missing_classes": missing,
-        "protocol": protocol.model_dump(),
+        "protocol": {**info, "values": protocol.model_dump(mode="json")},
+        "scale_unit": unit,
         "seed": seed,
         "image_size": size[0],
-        "environment": environment(dev),
+        "runtime": rt.settings(),
+        "environment": _environment(rt.device),
         "real_baseline": real_run,
         "runs": runs,
         "wall_s": round(time.perf_counter() - t0, 3),
@@ -333,12 +491,12 @@ def results_table(result: dict, name: str | None = None):
     """A rich table in the layout of Lomurno et al.'s Table 2: Dataset | Real | x1 | x2 | ... (top-1 %)."""
     from rich.table import Table
 
-    table = Table(title="CAS top-1 accuracy (%) on the real test split")
+    table = Table(title=f"CAS top-1 accuracy (%) on the real test split ({result['protocol']['values']['name']})")
     table.add_column("Dataset")
     table.add_column("Real", justify="right")
     runs = result["runs"]
     for r in runs:
         table.add_column("Synthetic" if r["scale"] is None else f"×{r['scale']}", justify="right")
-    dataset = name or str(result["real"]["train"].get("id", "")).rstrip("/").split("/")[-1]
+    dataset = name or str(result["synthetic"].get("id", "")).rstrip("/").split("/")[-1]
     table.add_row(dataset, f"{result['real_baseline']['top1']:.2f}", *[f"{r['top1']:.2f}" for r in runs])
     return table

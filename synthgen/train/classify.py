@@ -1,79 +1,65 @@
-"""Supervised image classification on :class:`~synthgen.train.data.ImageTensorDataset` s.
+"""Supervised image classification: the CAS classifier's and fine-tuning's training loop.
 
-One loop for CAS and fine-tuning: Adam/AdamW/SGD, optional label smoothing, ReduceLROnPlateau and
-early stopping on a VALIDATION split (the test split is never seen here; pass it to
-:func:`evaluate_classifier` afterwards), best-validation weights restored at the end.
+:func:`train_classifier` trains on a training split, computes validation metrics each epoch and
+hands every epoch's row (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``) to its
+callbacks (:mod:`synthgen.train.callbacks`: the plateau schedule, early stopping with the best
+weights restored, Optuna pruning ...), any of which may stop the run. The test split is never seen
+here: score it with :func:`evaluate_classifier` afterwards.
 
-Speed: batches are indexed straight from the uint8 image tensor, which is moved to the GPU once
-when it fits (else pinned host memory, copied per batch), and normalised on the device; on CUDA
-the step runs under bf16 autocast (fp16 + GradScaler where bf16 is missing) with channels_last
-for convolutional models, cuDNN autotuning and fused Adam. No DataLoader, no per-epoch decoding.
-``compile="reduce-overhead"`` (CAS's "auto" on CUDA) replays each full training batch from CUDA
-graphs: on an H100 a ResNet-20 step is bound by kernel launches, not arithmetic (the 0.27M and the
-4.3M network both take ~10 ms eagerly), and the graphs halve it (benchmarks/device/NOTES.md).
+Device, precision, compile mode and DDP come from the :class:`~synthgen.train.runtime.Runtime`;
+batches from :class:`~synthgen.train.batches.TensorBatches` (the split on the GPU when it fits) or
+:class:`~synthgen.train.stream.StreamBatches` (parquet shards streamed by DataLoader workers).
 
-Determinism: the shuffling and augmentation draw from generators seeded with ``config.seed``; on
-CPU two runs with the same seed and the same initial weights give bit-identical results.
+Determinism: shuffling and augmentation draw from CPU generators seeded with ``config.seed``; on a
+CPU two runs with the same seed and initial weights are bit-identical.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 from synthgen.errors import SynthgenError
-from synthgen.train.optim import build_optimizer, optimizer_step
-from synthgen.train.data import ImageTensorDataset, channel_stats, to_float
+from synthgen.train.augment import random_crop_flip
+from synthgen.train.batches import TensorBatches, resolve_normalization
+from synthgen.train.callbacks import Callback, run_epoch_callbacks
+from synthgen.train.data import to_float
+from synthgen.train.optim import build_optimizer, make_scheduler
+from synthgen.train.runtime import Runtime
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "train_classifier",
-    "evaluate_classifier",
-    "resolve_device",
-    "autocast_dtype",
-    "compile_mode",
-]
+__all__ = ["TrainConfig", "TrainResult", "train_classifier", "evaluate_classifier", "classification_metrics"]
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 256
-    optimizer: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
+class TrainConfig(BaseModel):
+    """How a classifier is trained (CAS protocols extend this with their data and schedule sections)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=2)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)  # sgd only
     nesterov: bool = False  # sgd only
-    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw
-    label_smoothing: float = 0.0
-    monitor: str = "val_loss"  # val_loss | val_acc: drives the plateau schedule, early stopping and best weights
-    plateau_patience: int | None = 10  # None: no ReduceLROnPlateau
-    plateau_factor: float = 0.1
-    min_lr: float = 0.0
-    early_stopping_patience: int | None = 25  # None: run all epochs (best weights still restored)
-    augment: bool = False  # random crop (4 px zero padding) + horizontal flip, on the device
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
-    channels_last: bool | None = None  # None: on CUDA for convolutional models
-    # torch.compile: False/"off"; True/"default"; "reduce-overhead" (CUDA graphs: for small nets whose
-    # step is bound by kernel launches, as ResNet-20 on an H100 is); "max-autotune"; "auto":
-    # reduce-overhead on CUDA, off elsewhere (a CPU compile costs more than it saves here)
-    compile: bool | str = False
-    eval_batch_size: int = 1024
-    mean: tuple[float, ...] | None = None  # None: per-channel statistics of the training images
-    std: tuple[float, ...] | None = None
-    seed: int = 0
-    max_gpu_fraction: float = 0.5  # put the whole uint8 tensor on the GPU when it takes at most this share of free memory
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # per step, sized to the steps run
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1)  # cap on optimizer steps (quick runs)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    augment: Literal["none", "crop_flip"] = "none"  # crop_flip: pad-4 random crop + horizontal flip
+    # per-channel (mean, std): unit = x/255 only (Keras' Rescaling), dataset = the training images' own
+    normalization: Literal["dataset", "unit", "cifar", "imagenet", "half"] = "dataset"
+    eval_batch_size: int = Field(1024, ge=1)
+    max_gpu_fraction: float = Field(0.5, gt=0, le=1)  # hold the uint8 split on the GPU up to this share of free memory
 
 
 @dataclass
@@ -81,8 +67,7 @@ class TrainResult:
     model: nn.Module
     history: list[dict] = field(default_factory=list)
     epochs_run: int = 0
-    best_epoch: int = 0
-    best_metric: float | None = None
+    steps: int = 0
     stopped_early: bool = False
     wall_s: float = 0.0
     mean: tuple[float, ...] = ()
@@ -90,302 +75,137 @@ class TrainResult:
     device: str = "cpu"
 
     def summary(self) -> dict:
-        return {
-            "epochs_run": self.epochs_run,
-            "best_epoch": self.best_epoch,
-            "best_metric": self.best_metric,
-            "stopped_early": self.stopped_early,
-            "train_wall_s": round(self.wall_s, 3),
-        }
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: CUDA when present, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SynthgenError("device 'cuda' asked for but CUDA is not available")
-    return dev
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    raise SynthgenError(f"amp must be auto, bf16, fp16 or off; got {amp!r}")
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_mode(value: bool | str | None, device: torch.device | None = None) -> str | None:
-    """``TrainConfig.compile`` as a ``torch.compile`` mode on ``device``, or None for none."""
-    if value is None or value is False or value == "off":
-        return None
-    if value == "auto":
-        return "reduce-overhead" if device is not None and device.type == "cuda" else None
-    if value is True:
-        return "default"
-    if value in COMPILE_MODES:
-        return str(value)
-    raise SynthgenError(f"compile must be auto, off, {', '.join(COMPILE_MODES)}; got {value!r}")
-
-
-def _use_channels_last(flag: bool | None, model: nn.Module, device: torch.device) -> bool:
-    if flag is not None:
-        return flag
-    if device.type != "cuda":
-        return False
-    return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
-
-
-class _Batches:
-    """The images/labels of one split, on the device when they fit; yields normalised batches."""
-
-    def __init__(self, ds: ImageTensorDataset, device: torch.device, mean, std, max_gpu_fraction: float, label_map=None):
-        self.n = len(ds)
-        self.device = device
-        images = ds.images
-        on_device = device.type != "cuda"
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            on_device = images.numel() <= max_gpu_fraction * free
-        if on_device:
-            self.images = images.to(device)
-        else:
-            self.images = images.contiguous().pin_memory()
-        self.on_device = on_device
-        labels = ds.labels
-        if labels is None:
-            raise SynthgenError(f"{ds.describe()} has no labels")
-        if label_map is not None:
-            labels = torch.as_tensor(label_map, dtype=torch.long)[labels]
-        self.labels = labels.to(device)
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
-        self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
-
-    def get(self, idx: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``idx`` (row indices, on the CPU or already on the device)."""
-        idx_d = idx.to(self.device, non_blocking=True)
-        if self.on_device:
-            x = self.images[idx_d]
-        else:
-            x = self.images[idx.cpu()].pin_memory().to(self.device, non_blocking=True)
-        x = to_float(x, self.mean, self.std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.labels[idx_d]
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding plus horizontal flip, batched on x's device."""
-    b, _, h, w = x.shape
-    flip = torch.rand(b, generator=gen) < 0.5
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    dev = x.device
-    flip, oy, ox = flip.to(dev), oy.to(dev), ox.to(dev)
-    x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
-    xp = F.pad(x, (pad, pad, pad, pad))
-    rows = (oy.view(b, 1) + torch.arange(h, device=dev).view(1, h)).view(b, 1, h, 1).expand(b, x.shape[1], h, w + 2 * pad)
-    xp = xp.gather(2, rows)
-    cols = (ox.view(b, 1) + torch.arange(w, device=dev).view(1, w)).view(b, 1, 1, w).expand(b, x.shape[1], h, w)
-    return xp.gather(3, cols)
+        return {"epochs_run": self.epochs_run, "stopped_early": self.stopped_early, "train_wall_s": round(self.wall_s, 3)}
 
 
 @torch.inference_mode()
-def _evaluate_batches(model, data: _Batches, batch_size: int, amp_dtype, channels_last: bool, num_classes: int | None) -> dict:
+def classification_metrics(model: nn.Module, batches, runtime: Runtime, mean, std, batch_size: int, channels_last: bool = False) -> dict:
+    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy over ``batches`` (in order)."""
     model.eval()
-    dev = data.device
+    dev = runtime.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    c1 = torch.zeros((), dtype=torch.long, device=dev)
-    c5 = torch.zeros((), dtype=torch.long, device=dev)
-    for start in range(0, data.n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, data.n))
-        x, y = data.get(idx, channels_last)
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        logits = logits.float()
+    hits = torch.zeros(2, dtype=torch.long, device=dev)
+    n = 0
+    for x, y in batches.epoch(batch_size, None, min_batch=1):
+        x = to_float(x, mean, std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast():
+            logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == y.view(-1, 1)
-        c1 += hit[:, 0].sum()
-        c5 += hit.any(dim=1).sum()
-    n = max(1, data.n)
-    return {"loss": float(loss_sum) / n, "top1": float(c1) / n, "top5": float(c5) / n, "n": data.n}
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.view(-1, 1)
+        hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
+        n += len(y)
+    loss_sum, hits = runtime.all_reduce_sum(loss_sum), runtime.all_reduce_sum(hits)
+    n = int(runtime.all_reduce_sum(torch.tensor(n, device=dev)))
+    return {"loss": float(loss_sum) / max(1, n), "top1": float(hits[0]) / max(1, n), "top5": float(hits[1]) / max(1, n), "n": n}
 
 
-def evaluate_classifier(
-    model: nn.Module,
-    ds: ImageTensorDataset,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: str | torch.device | None = None,
-    batch_size: int = 1024,
-    label_map=None,
-    amp: str = "auto",
-    channels_last: bool | None = None,
-) -> dict:
-    """Top-1/top-5 accuracy (fractions) and mean cross-entropy of ``model`` on ``ds``."""
-    dev = resolve_device(device)
-    model.to(dev)
-    cl = _use_channels_last(channels_last, model, dev)
+def evaluate_classifier(model: nn.Module, ds, *, mean: Sequence[float], std: Sequence[float], runtime: Runtime | None = None,
+                        batch_size: int = 1024, label_map=None) -> dict:
+    """Top-1/top-5 accuracy and loss of ``model`` on ``ds`` (an ImageTensorDataset or batches)."""
+    rt = runtime or Runtime.create("auto")
+    model.to(rt.device)
+    cl = rt.uses_channels_last(model)
     if cl:
         model.to(memory_format=torch.channels_last)
-    data = _Batches(ds, dev, mean, std, 0.5, label_map)
-    return _evaluate_batches(model, data, batch_size, autocast_dtype(amp, dev), cl, None)
+    batches = ds if hasattr(ds, "epoch") else TensorBatches(ds, rt, label_map)
+    return classification_metrics(model, batches, rt, mean, std, batch_size, cl)
 
 
 def train_classifier(
     model: nn.Module,
-    train: ImageTensorDataset,
-    val: ImageTensorDataset | None = None,
+    train,
+    val=None,
     config: TrainConfig | None = None,
     *,
-    device: str | torch.device | None = None,
+    runtime: Runtime | None = None,
+    callbacks: Sequence[Callback] = (),
+    seed: int = 0,
     label_map=None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
     quiet: bool = False,
     console=None,
     desc: str = "train",
 ) -> TrainResult:
-    """Train ``model`` on ``train``; validation (``val``) drives the LR plateau schedule, early
-    stopping and the restored best weights. ``label_map[i]`` maps the datasets' label id ``i`` to
-    the model's class id (both splits)."""
+    """Train ``model`` on ``train`` (an ImageTensorDataset or StreamBatches); ``val`` (same kinds)
+    feeds the per-epoch ``val_*`` metrics the callbacks watch. ``label_map[i]`` maps label id ``i``
+    of both splits to the model's class id; ``mean``/``std`` override the config's normalisation."""
     cfg = config or TrainConfig()
+    rt = runtime or Runtime.create("auto")
     if len(train) == 0:
         raise SynthgenError("the training split is empty")
-    if cfg.monitor not in ("val_loss", "val_acc"):
-        raise SynthgenError(f"monitor must be val_loss or val_acc, got {cfg.monitor!r}")
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     if console is None:
         from rich.console import Console
 
         console = Console(stderr=True)
     t0 = time.perf_counter()
-    mean, std = (cfg.mean, cfg.std) if cfg.mean is not None and cfg.std is not None else channel_stats(train.images)
-    model.to(dev)
-    cl = _use_channels_last(cfg.channels_last, model, dev)
-    if cl:
-        model.to(memory_format=torch.channels_last)
-    mode = compile_mode(cfg.compile, dev)
-    step_model = torch.compile(model, mode=mode) if mode else model
-    graphs = mode in ("reduce-overhead", "max-autotune") and dev.type == "cuda"
-    amp_dtype = autocast_dtype(cfg.amp, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
-    tr = _Batches(train, dev, mean, std, cfg.max_gpu_fraction, label_map)
-    va = _Batches(val, dev, mean, std, cfg.max_gpu_fraction, label_map) if val is not None and len(val) else None
-    opt = build_optimizer(
-        [p for p in model.parameters() if p.requires_grad], cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
-        weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
-    )
-    direction = "min" if cfg.monitor == "val_loss" else "max"
-    sched = None
-    if va is not None and cfg.plateau_patience is not None:
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode=direction, factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
-        )
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    aug_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    result = TrainResult(model=model, mean=tuple(mean), std=tuple(std), device=str(dev))
-    best_state: dict[str, torch.Tensor] | None = None
-    best = math.inf if direction == "min" else -math.inf
-    since_best = 0
-    bs = cfg.batch_size
+    tr = train if hasattr(train, "epoch") else TensorBatches(train, rt, label_map, cfg.max_gpu_fraction)
+    va = None if val is None or len(val) == 0 else (val if hasattr(val, "epoch") else TensorBatches(val, rt, label_map, cfg.max_gpu_fraction))
+    if mean is None or std is None:
+        if cfg.normalization == "dataset" and not hasattr(train, "images"):
+            mean, std = train.channel_stats()  # a stream: the statistics of its first images
+        else:
+            mean, std = resolve_normalization(cfg.normalization, getattr(train, "images", None))
+    net = rt.prepare(model, batch_size=cfg.batch_size // rt.world_size)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
+                          weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    for cb in callbacks:  # callbacks built before the optimizer existed get it now
+        if getattr(cb, "optimizer", False) is None:
+            cb.optimizer = opt
+    total = cfg.epochs * max(1, math.ceil(len(tr) / cfg.batch_size))
+    total = min(total, cfg.max_steps or total)
+    sched = make_scheduler(opt, total, cfg.warmup_steps, cfg.lr_schedule) if cfg.lr_schedule != "constant" or cfg.warmup_steps else None
+    step = 0
+    gen, aug_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    result = TrainResult(model=model, mean=tuple(mean), std=tuple(std), device=str(rt.device))
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
-        step_model.train()
-        perm = torch.randperm(tr.n, generator=gen)  # drawn on the CPU: same order on every device
-        if tr.on_device:
-            perm = perm.to(dev)  # one copy per epoch instead of one per step
-        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        correct = torch.zeros((), device=dev, dtype=torch.long)
+        model.train()
+        lr = opt.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        correct = torch.zeros((), device=rt.device, dtype=torch.long)
         seen = 0
-        for start in range(0, tr.n, bs):
-            idx = perm[start : start + bs]
-            if len(idx) < 2 and seen:  # a batch of one breaks BatchNorm; drop it
-                continue
-            x, y = tr.get(idx, cl)
-            if cfg.augment:
-                x = _augment(x, aug_gen)
-                if cl:
-                    x = x.contiguous(memory_format=torch.channels_last)
-            # A compiled graph exists per batch shape: the one short batch of an epoch runs eagerly
-            # (same parameters) instead of paying a second compile.
-            fwd = step_model if len(idx) == bs else model
-            if graphs and fwd is step_model:
-                torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are consumed
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = fwd(x)
+        for x, y in tr.epoch(cfg.batch_size, gen):
+            if step >= total:
+                break
+            x = to_float(x, mean, std)
+            if cfg.augment == "crop_flip":
+                x = random_crop_flip(x, padding=4, generator=aug_gen, fill="zeros")
+            with rt.autocast():
+                logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            optimizer_step(loss, opt, scaler, model.parameters())
-            loss_sum += loss.detach().double() * len(idx)
+            rt.step(loss, opt, grad_clip=cfg.grad_clip)
+            step += 1
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(idx)
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": float(loss_sum) / max(1, seen),
-            "train_acc": float(correct) / max(1, seen),
-        }
+            seen += len(y)
+        seen_all = int(rt.all_reduce_sum(torch.tensor(seen, device=rt.device)))
+        row: dict[str, Any] = {"epoch": epoch, "lr": lr,
+                               "train_loss": float(rt.all_reduce_sum(loss_sum)) / max(1, seen_all),
+                               "train_acc": float(rt.all_reduce_sum(correct)) / max(1, seen_all)}
         if not math.isfinite(row["train_loss"]):
             raise SynthgenError(f"training diverged at epoch {epoch} (loss {row['train_loss']}); lower the learning rate")
-        improved = False
         if va is not None:
-            # eagerly: a few batches per epoch, not worth compiled graphs for eval mode and its shapes
-            ev = _evaluate_batches(model, va, cfg.eval_batch_size, amp_dtype, cl, None)
-            row["val_loss"], row["val_acc"] = ev["loss"], ev["top1"]
-            value = row[cfg.monitor]
-            improved = value < best if direction == "min" else value > best
-            if sched is not None:
-                sched.step(value)
-        else:
-            improved = True
-        if improved:
-            best = row.get(cfg.monitor, float("nan"))
-            result.best_epoch = epoch
-            since_best = 0
-            if va is not None:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
+            ev = classification_metrics(model, va, rt, mean, std, cfg.eval_batch_size, net.channels_last)
+            row["val_loss"], row["val_acc"], row["val_top5"] = ev["loss"], ev["top1"], ev["top5"]
         row["epoch_s"] = time.perf_counter() - te
+        stop = run_epoch_callbacks(callbacks, epoch, row)
         result.history.append(row)
         result.epochs_run = epoch
-        if not quiet:
+        if not quiet and rt.is_main:
             val_txt = f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}" if va is not None else ""
-            mark = " *" if improved and va is not None else ""
-            console.print(
-                f"[dim]{desc}[/dim] epoch {epoch}/{cfg.epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-                f"{val_txt} lr {row['lr']:.2e} {row['epoch_s']:.1f}s{mark}",
-                highlight=False,
-            )
-        if va is not None and cfg.early_stopping_patience is not None and since_best >= cfg.early_stopping_patience:
-            result.stopped_early = True
-            if not quiet:
-                console.print(f"[dim]{desc}[/dim] early stop: no {cfg.monitor} improvement in {since_best} epochs", highlight=False)
+            console.print(f"[dim]{desc}[/dim] epoch {epoch}/{cfg.epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+                          f"{val_txt} lr {lr:.2e} {row['epoch_s']:.1f}s", highlight=False, soft_wrap=True)
+        if stop or step >= total:
+            result.stopped_early = stop and epoch < cfg.epochs
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result.best_metric = None if va is None else float(best)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    for cb in callbacks:
+        cb.on_train_end()
+    result.steps = step
+    rt.synchronize()
     result.wall_s = time.perf_counter() - t0
     return result
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

@@ -63,10 +63,33 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # shared sections
 # --------------------------------------------------------------------------------------------------
-class DatasetSpec(_Strict):
-    """One split of an image dataset, read with :func:`synthgen.train.data.load_image_dataset`."""
+class SourceSpec(_Strict):
+    """One source of a mixture: a split of a local folder/parquet file or a Hub id at a revision,
+    with the number of rows to take (``size``) or the share of its rows (``fraction``, in (0, 1])."""
 
-    source: str  # a local folder/parquet file (relative to the cwd) or a Hub id
+    source: str
+    revision: Optional[str] = None
+    split: str = "train"
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    group_column: Optional[str] = None
+    size: Optional[int] = Field(None, ge=1)
+    fraction: Optional[float] = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "SourceSpec":
+        if self.size is not None and self.fraction is not None:
+            raise ValueError("give size or fraction, not both")
+        return self
+
+
+class DatasetSpec(_Strict):
+    """The training images: one split (``source``) or a mixture of several (``sources``).
+
+    ``stream: true`` reads the parquet shards batch by batch with DataLoader workers instead of
+    decoding the split into memory (data larger than memory; rotation and SimCLR only)."""
+
+    source: Optional[str] = None  # a local folder/parquet file (relative to the cwd) or a Hub id
     revision: Optional[str] = None  # Hub revision (tag, branch or commit)
     split: str = "train"
     image_column: Optional[str] = None  # detected (first Image feature) when null
@@ -74,6 +97,17 @@ class DatasetSpec(_Strict):
     group_column: Optional[str] = None  # StableRep caption id; "group" is used when present
     image_size: Optional[int] = Field(None, ge=8)  # resize + centre crop at load time
     limit: Optional[int] = Field(None, ge=1)  # first N rows only
+    sources: Optional[list[SourceSpec]] = Field(None, min_length=1)  # a mixture instead of one source
+    stream: bool = False
+    num_workers: int = Field(2, ge=0)  # DataLoader workers when streaming
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "DatasetSpec":
+        if (self.source is None) == (self.sources is None):
+            raise ValueError("give either source (one dataset) or sources (a mixture)")
+        if self.sources is not None and self.stream:
+            raise ValueError("stream applies to one source, not a mixture")
+        return self
 
 
 class ModelSpec(_Strict):
@@ -148,18 +182,40 @@ Objective = Annotated[Union[RotationObjective, SimCLRObjective, StableRepObjecti
 
 class OptimizerSpec(_Strict):
     name: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: Optional[float] = Field(1e-3, gt=0)  # the absolute rate (null: from base_lr)
+    # StableRep's rule (main_stablerep.py): lr = blr * captions * n_img / 256 * num_crop / 2, i.e. with
+    # one crop per image lr = base_lr * (images per global batch) / 512
+    base_lr: Optional[float] = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    # StableRep's add_weight_decay: no decay on biases and 1-d parameters (norm layers)
+    decay_exempt_bias_and_norm: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = Field(0.9, ge=0)  # sgd only
     grad_clip: Optional[float] = Field(None, gt=0)  # max global grad norm
 
+    @model_validator(mode="after")
+    def _rate(self) -> "OptimizerSpec":
+        if (self.lr is None) == (self.base_lr is None):
+            raise ValueError("give lr (absolute) or base_lr (scaled by the batch), not both or neither")
+        return self
+
+    def resolved_lr(self, images_per_batch: int) -> float:
+        return float(self.lr) if self.lr is not None else float(self.base_lr) * images_per_batch / 512
+
 
 class ScheduleSpec(_Strict):
+    """The rate schedule, sized to the steps actually run (``max_steps`` caps the run AND the schedule)."""
+
     epochs: int = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # stop after this many steps (demo runs)
     warmup_steps: int = Field(0, ge=0)  # linear warm-up from 0
+    warmup_epochs: Optional[float] = Field(None, ge=0)  # instead of warmup_steps: a share of epochs (StableRep: 0.5)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays to 0 at the last step
+
+    def warmup(self, steps_per_epoch: int) -> int:
+        if self.warmup_epochs is not None:
+            return int(round(self.warmup_epochs * steps_per_epoch))
+        return self.warmup_steps
 
 
 class PretrainConfig(_Strict):
@@ -174,6 +230,7 @@ class PretrainConfig(_Strict):
     normalization: Normalization = "dataset"
     device: str = "auto"  # auto: cuda when available, else cpu
     amp: bool = True  # bf16/fp16 autocast on CUDA (ignored on CPU)
+    compile: Literal["off", "auto", "default", "reduce-overhead", "max-autotune"] = "off"
     channels_last: bool = True  # CUDA only
     log_every: int = Field(10, ge=1)  # steps between metrics records
     checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints (and at the end / max_steps)
@@ -292,8 +349,12 @@ def _validate(cls, data: dict[str, Any], source: str):
 
 def _recipe_data(recipe: str | Path | dict[str, Any], overrides: list[str] | None) -> tuple[dict[str, Any], str]:
     if isinstance(recipe, dict):
-        return apply_overrides(json.loads(json.dumps(recipe)), list(overrides or [])), "recipe"
-    return load_train_recipe(recipe, overrides)
+        data, source = apply_overrides(json.loads(json.dumps(recipe)), list(overrides or [])), "recipe"
+    else:
+        data, source = load_train_recipe(recipe, overrides)
+    if data.get("kind") == "cas":
+        raise RecipeError(f"{source} is a CAS protocol; run it with `synthgen cas SYNTHETIC --real REAL --protocol ...`")
+    return data, source
 
 
 def load_pretrain_config(

@@ -13,6 +13,7 @@ Decoded tensors are cached under ``synthgen.paths.cache_dir()/tensors/<key>.pt``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -118,11 +119,41 @@ def _is_local(source: str) -> bool:
     return os.path.exists(os.path.expanduser(source))
 
 
+def resolve_hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit sha that ``revision`` (a tag, branch, sha or None = main) of the Hub dataset
+    ``repo_id`` resolves to now (``HfApi().dataset_info``; honours ``HF_ENDPOINT`` and the token)."""
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(repo_id, revision=revision).sha
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """``datasets``' progress bars off (they would precede an error line, or garble piped output)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if are_progress_bars_disabled() or os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") is not None:
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
 def _load_hf_split(source: str, split: str, revision: str | None):
-    """Return ``(datasets.Dataset, resolved_id)`` for one split, with one-line errors."""
+    """Return ``(datasets.Dataset, resolved_id, commit)`` for one split, with one-line errors;
+    ``commit`` is the Hub commit sha a Hub id resolved to (None for local data)."""
+    with quiet_datasets():
+        return _load_hf_split_quiet(source, split, revision)
+
+
+def _load_hf_split_quiet(source: str, split: str, revision: str | None):
     import datasets
 
     path = os.path.expanduser(source)
+    commit = None
     try:
         if _is_local(source):
             if revision is not None:
@@ -147,7 +178,9 @@ def _load_hf_split(source: str, split: str, revision: str | None):
         else:
             if not _HUB_ID.match(source):
                 raise SynthgenError(f"dataset {source!r} not found: no such local path, and not a Hub id (org/name)")
-            dsd = datasets.load_dataset(source, revision=revision)
+            # resolve the commit first: the data then comes from exactly that commit
+            commit = resolve_hub_commit(source, revision)
+            dsd = datasets.load_dataset(source, revision=commit)
             resolved = source
     except SynthgenError:
         raise
@@ -163,7 +196,7 @@ def _load_hf_split(source: str, split: str, revision: str | None):
         dsd = datasets.DatasetDict({"train": dsd})
     if split not in dsd:
         raise SynthgenError(f"{source} has no split {split!r}; available: {', '.join(dsd.keys()) or 'none'}")
-    return dsd[split], resolved
+    return dsd[split], resolved, commit
 
 
 def _detect_columns(ds, source: str, split: str, image_column, label_column, group_column):
@@ -282,7 +315,7 @@ def load_image_dataset(
     """
     import datasets
 
-    ds, resolved = _load_hf_split(source, split, revision)
+    ds, resolved, commit = _load_hf_split(source, split, revision)
     desc = f"{source}[{split}]"
     if len(ds) == 0:
         raise SynthgenError(f"{desc} is empty (0 rows)")
@@ -297,12 +330,13 @@ def load_image_dataset(
         if limit < len(ds):
             ds = ds.select(range(limit))
     fingerprint = getattr(ds, "_fingerprint", None)
-    source_info = {"id": resolved, "revision": revision, "split": split, "fingerprint": fingerprint}
+    source_info = {"id": resolved, "revision": revision, "sha": commit, "split": split, "fingerprint": fingerprint}
     key = {
         "format": _CACHE_FORMAT,
         "fingerprint": fingerprint,
         "id": resolved,
         "revision": revision,
+        "sha": commit,
         "split": split,
         "columns": [image_column, label_column, group_column],
         "image_size": image_size,

@@ -1,6 +1,6 @@
 """Evaluate a backbone on a labelled dataset: linear probe, weighted k-NN, or full fine-tuning.
 
-The backbone is a ``synthgen pretrain`` checkpoint (its folder or ``checkpoint.pt``), a fresh or
+The backbone is a ``synthgen pretrain`` checkpoint (its output folder), a fresh or
 timm-pretrained model by name, or ``pixels`` (the normalised raw pixels, flattened — a baseline).
 
 Protocols (``EvalConfig.protocol``); a validation split (``dataset.val_fraction``, stratified,
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -38,20 +39,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synthgen.errors import SynthgenError
-from synthgen.train.optim import optimizer_step
 from synthgen.provenance import library_versions
-from synthgen.train.augment import normalize, random_crop_flip, to_unit_float
+from synthgen.train.batches import resolve_normalization
+from synthgen.train.callbacks import EarlyStopping
+from synthgen.train.checkpoint import load_checkpoint as _load_checkpoint, load_model_state
+from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
 from synthgen.train.config import EvalConfig, ModelSpec, resolve_source
-from synthgen.train.pretrain import (
-    CHECKPOINT_NAME,
-    autocast_context,
-    device_description,
-    make_optimizer,
-    make_scheduler,
-    progress_bar,
-    resolve_device,
-    resolve_normalization,
-)
+from synthgen.train.data import to_float
+from synthgen.train.pretrain import CHECKPOINT_KIND
+from synthgen.train.runtime import Runtime
 
 __all__ = [
     "PixelFeatures",
@@ -61,6 +57,7 @@ __all__ = [
     "topk_accuracy",
     "knn_scores",
     "knn_evaluate",
+    "probe_batch_size",
     "linear_probe",
     "finetune",
     "evaluate",
@@ -80,26 +77,14 @@ class PixelFeatures(nn.Module):
     forward = forward_features_pooled
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A pre-training checkpoint, from its file or its output folder."""
+def load_checkpoint(path: str | Path):
+    """A pre-training checkpoint (:class:`~synthgen.train.checkpoint.Checkpoint`), from its output
+    folder or its ``checkpoint.json``; a pickled ``.pt`` file is refused (unpickling runs code)."""
     p = Path(resolve_source(str(path), what="checkpoint"))
-    if p.is_dir():
-        p = p / CHECKPOINT_NAME
-    if not p.is_file():
-        raise SynthgenError(f"no checkpoint at {p} (run `synthgen pretrain` into that folder first)")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise SynthgenError(f"cannot read checkpoint {p}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict) or state.get("kind") != "synthgen-pretrain":
-        raise SynthgenError(f"{p} is not a synthgen pre-training checkpoint")
-    state["path"] = str(p)
-    return state
+    return _load_checkpoint(p, kind=CHECKPOINT_KIND)
 
 
-def load_backbone(
-    checkpoint: str | Path | None = None, model: ModelSpec | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
+def load_backbone(checkpoint: str | Path | None = None, model: ModelSpec | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``(backbone, info)``: the checkpoint's backbone (weights loaded) or ``model`` built fresh.
 
     ``info`` has ``image_size``, ``normalization`` (the checkpoint's mean/std, or None) and a
@@ -111,19 +96,22 @@ def load_backbone(
         state = load_checkpoint(checkpoint)
         spec = ModelSpec.model_validate(state["model"])
         backbone = create_model(spec.name, 0, image_size=spec.image_size, pretrained=False, **spec.kwargs)
-        backbone.load_state_dict(state["backbone"])
+        tensors = state.model_state()
+        weights = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        load_model_state(backbone, weights, str(state.path.parent))
+        config = state.get("config", {})
         info = {
             "image_size": spec.image_size,
             "normalization": state.get("normalization"),
             "description": {
-                "checkpoint": state["path"],
+                "checkpoint": str(state.path.parent),
                 "model": spec.model_dump(mode="json"),
                 "pretrain": {
-                    "name": state["config"].get("name"),
-                    "objective": state["config"].get("objective", {}).get("kind"),
+                    "name": config.get("name"),
+                    "objective": config.get("objective", {}).get("kind"),
                     "step": state.get("step"),
                     "finished": state.get("finished"),
-                    "dataset": state["config"].get("dataset"),
+                    "dataset": config.get("dataset"),
                 },
             },
         }
@@ -137,27 +125,22 @@ def load_backbone(
     return backbone, {"image_size": model.image_size, "normalization": None, "description": {"model": model.model_dump(mode="json")}}
 
 
-@torch.no_grad()
-def extract_dataset_features(
-    backbone: nn.Module,
-    images: torch.Tensor,
-    mean,
-    std,
-    device: torch.device,
-    batch_size: int = 256,
-    amp: bool = True,
-) -> torch.Tensor:
-    """Pooled features ``[N, D]`` (float32, on ``device``) of uint8 ``images``, backbone in eval mode."""
+@torch.inference_mode()
+def extract_dataset_features(backbone: nn.Module, images: torch.Tensor, mean, std, runtime: Runtime, batch_size: int = 256) -> torch.Tensor:
+    """Pooled features ``[N, D]`` (float32, on the runtime's device) of uint8 ``images``, backbone in eval mode."""
     from synthgen.train.models import extract_features
 
     backbone.eval()
+    net = runtime.prepare(backbone, compile=False)
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = normalize(to_unit_float(images[start : start + batch_size].to(device, non_blocking=True)), mean, std)
-        with autocast_context(device, amp):
+        x = to_float(runtime.to_device(images[start : start + batch_size]), mean, std)
+        if net.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast():
             f = extract_features(backbone, x)
         out.append(f.float())
-    return torch.cat(out) if out else torch.empty(0, int(getattr(backbone, "num_features", 0)), device=device)
+    return torch.cat(out) if out else torch.empty(0, int(getattr(backbone, "num_features", 0)), device=runtime.device)
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -205,19 +188,26 @@ def knn_evaluate(feats: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
     return {"selected_k": best, **per_k[str(best)]["test"], "val_top1": per_k[str(best)]["val"]["top1"], "per_k": per_k}
 
 
+def probe_batch_size(n: int, batch_size: int, min_steps: int = 10) -> int:
+    """The probe's batch: at most ``batch_size``, small enough for ``min_steps`` steps an epoch on
+    ``n`` training features (a small subset at batch 1,024 would get one step an epoch)."""
+    return max(1, min(batch_size, math.ceil(n / min_steps)))
+
+
 def linear_probe(
     feats: dict[str, torch.Tensor],
     labels: dict[str, torch.Tensor],
     num_classes: int,
     spec,
+    runtime: Runtime,
     seed: int = 0,
-    progress=None,
 ) -> dict[str, Any]:
     """Softmax regression on standardised features; (weight decay, epoch) selected on val."""
     fit, val, test = feats["fit"], feats["val"], feats["test"]
     mu, sd = fit.mean(0, keepdim=True), fit.std(0, keepdim=True).clamp_min(1e-6)
     fit, val, test = (fit - mu) / sd, (val - mu) / sd, (test - mu) / sd
     y_fit, y_val = labels["fit"].to(fit.device), labels["val"].to(fit.device)
+    bs = probe_batch_size(fit.shape[0], spec.batch_size)
     best: dict[str, Any] = {"val_top1": -1.0}
     curves = {}
     for wd in spec.weight_decays:
@@ -225,118 +215,70 @@ def linear_probe(
         head = nn.Linear(fit.shape[1], num_classes).to(fit.device)
         opt = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
-        since_best, wd_best, curve = 0, -1.0, []
-        for epoch in range(spec.epochs):
+        stopper = EarlyStopping("val_acc", "max", spec.patience, restore_best=head)
+        curve = []
+        for epoch in range(1, spec.epochs + 1):
             head.train()
             perm = torch.randperm(fit.shape[0], generator=gen).to(fit.device)
-            for start in range(0, fit.shape[0], spec.batch_size):
-                idx = perm[start : start + spec.batch_size]
-                loss = F.cross_entropy(head(fit[idx]), y_fit[idx])
+            for start in range(0, fit.shape[0], bs):
+                idx = perm[start : start + bs]
                 # L2 penalty on the weights only (not the bias), scaled like sklearn's 1/C
-                loss = loss + 0.5 * wd * head.weight.pow(2).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss = F.cross_entropy(head(fit[idx]), y_fit[idx]) + 0.5 * wd * head.weight.pow(2).sum()
+                runtime.step(loss, opt)
             head.eval()
             with torch.no_grad():
                 acc = (head(val).argmax(1) == y_val).float().mean().item()
             curve.append(round(acc, 5))
-            if acc > best["val_top1"]:
-                best = {"val_top1": acc, "weight_decay": wd, "epoch": epoch + 1, "state": copy.deepcopy(head.state_dict())}
-            if acc > wd_best:
-                wd_best, since_best = acc, 0
-            else:
-                since_best += 1
-                if since_best >= spec.patience:
-                    break
+            if stopper.on_epoch_end(epoch, {"val_acc": acc}):
+                break
+        stopper.on_train_end()
         curves[str(wd)] = curve
+        if stopper.best > best["val_top1"]:
+            best = {"val_top1": stopper.best, "weight_decay": wd, "epoch": stopper.best_epoch,
+                    "state": copy.deepcopy(head.state_dict())}
     head = nn.Linear(fit.shape[1], num_classes).to(fit.device)
     head.load_state_dict(best.pop("state"))
     with torch.no_grad():
         result = topk_accuracy(head(test), labels["test"], num_classes)
-    return {**result, **best, "val_curves": curves}
+    return {**result, **best, "batch_size": bs, "val_curves": curves}
 
 
-def finetune(
-    backbone: nn.Module,
-    data: dict[str, Any],
-    num_classes: int,
-    spec,
-    mean,
-    std,
-    device: torch.device,
-    seed: int = 0,
-    amp: bool = True,
-    progress: bool = True,
-    feature_batch_size: int = 256,
-) -> dict[str, Any]:
-    """Train backbone + linear head end to end; test the epoch with the best validation top-1."""
-    from synthgen.train.models import extract_features
+class _Classifier(nn.Module):
+    """A backbone and a new linear head on its pooled features."""
 
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(int(backbone.num_features), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from synthgen.train.models import extract_features
+
+        return self.head(extract_features(self.backbone, x))
+
+
+def finetune(backbone: nn.Module, fit, val, test, num_classes: int, spec, mean, std, runtime: Runtime, seed: int = 0,
+             quiet: bool = True) -> dict[str, Any]:
+    """Train backbone + linear head end to end (the classification loop); test the epoch with the
+    best validation top-1."""
     torch.manual_seed(seed)
-    model = nn.ModuleDict({"backbone": backbone, "head": nn.Linear(int(backbone.num_features), num_classes)}).to(device)
-    cuda = device.type == "cuda"
-    mf = torch.channels_last if cuda else torch.contiguous_format
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-
-    def forward(x):
-        with autocast_context(device, amp):
-            return model["head"](extract_features(model["backbone"], x.contiguous(memory_format=mf))).float()
-
-    @torch.no_grad()
-    def scores(images):
-        model.eval()
-        out = []
-        for start in range(0, images.shape[0], feature_batch_size):
-            x = normalize(to_unit_float(images[start : start + feature_batch_size].to(device)), mean, std)
-            out.append(forward(x))
-        return torch.cat(out)
-
-    x_fit, y_fit = data["fit_images"], data["fit_labels"]
-    n = x_fit.shape[0]
-    bs = min(spec.batch_size, n)
-    steps_per_epoch = max(1, n // bs)
-    total = spec.epochs * steps_per_epoch
-    if spec.max_steps:
-        total = min(total, spec.max_steps)
-    optimizer = make_optimizer(spec.optimizer, model.parameters())
-    scheduler = make_scheduler(optimizer, total, spec.warmup_steps, spec.lr_schedule)
-    use_scaler = cuda and amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    gen = torch.Generator().manual_seed(seed)
-    best: dict[str, Any] = {"val_top1": -1.0}
-    history = []
-    step = 0
-    with progress_bar(progress) as bar:
-        task = bar.add_task("finetune", total=total, info="")
-        for epoch in range(spec.epochs):
-            if step >= total:
-                break
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            losses = []
-            for start in range(0, steps_per_epoch * bs, bs):
-                if step >= total:
-                    break
-                idx = perm[start : start + bs]
-                x = to_unit_float(x_fit[idx].to(device, non_blocking=True))
-                if spec.augment == "crop_flip":
-                    x = random_crop_flip(x, generator=gen)
-                logits = forward(normalize(x, mean, std))
-                loss = F.cross_entropy(logits, y_fit[idx].to(device), label_smoothing=spec.label_smoothing)
-                optimizer_step(loss, optimizer, scaler, model.parameters(), spec.optimizer.grad_clip)
-                scheduler.step()
-                step += 1
-                losses.append(loss.item())
-                bar.update(task, completed=step, info=f"epoch {epoch + 1} loss {losses[-1]:.4f}")
-            val = topk_accuracy(scores(data["val_images"]), data["val_labels"], num_classes)["top1"]
-            history.append({"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)), "val_top1": val})
-            if val > best["val_top1"]:
-                best = {"val_top1": val, "epoch": epoch + 1, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-    model.load_state_dict(best.pop("state"))
-    result = topk_accuracy(scores(data["test_images"]), data["test_labels"], num_classes)
-    return {**result, **best, "steps": step, "history": history}
+    model = _Classifier(backbone, num_classes)
+    cfg = TrainConfig(
+        epochs=spec.epochs, batch_size=min(spec.batch_size, len(fit)), optimizer=spec.optimizer.name,
+        lr=spec.optimizer.resolved_lr(spec.batch_size), weight_decay=spec.optimizer.weight_decay, betas=spec.optimizer.betas,
+        momentum=spec.optimizer.momentum, nesterov=spec.optimizer.momentum > 0, label_smoothing=spec.label_smoothing,
+        lr_schedule=spec.lr_schedule, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
+        grad_clip=spec.optimizer.grad_clip, augment=spec.augment,
+    )
+    best = EarlyStopping("val_acc", "max", patience=10**9, restore_best=model)
+    res = train_classifier(model, fit, val, cfg, runtime=runtime, callbacks=[best], seed=seed, mean=mean, std=std,
+                           quiet=quiet, desc="finetune")
+    result = evaluate_classifier(model, test, mean=mean, std=std, runtime=runtime)
+    out = {"top1": result["top1"]}
+    if num_classes >= 5:
+        out["top5"] = result["top5"]
+    history = [{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_top1": h["val_acc"]} for h in res.history]
+    return {**out, "val_top1": best.best, "epoch": best.best_epoch, "steps": res.steps, "history": history}
 
 
 def _resolve_dataset_splits(config: EvalConfig, image_size: int):
@@ -360,10 +302,9 @@ def _resolve_dataset_splits(config: EvalConfig, image_size: int):
 def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run ``config`` and return the report (see the module docstring)."""
     t0 = time.time()
-    device = resolve_device(config.device)
+    rt = Runtime.create(config.device, amp=config.amp)
     torch.manual_seed(config.seed)
     backbone, info = load_backbone(config.checkpoint, config.model)
-    backbone = backbone.to(device)
     train, test, fit, val = _resolve_dataset_splits(config, info["image_size"])
     num_classes = max(train.num_classes or 0, int(train.labels.max()) + 1, int(test.labels.max()) + 1)
     if config.normalization is None and info["normalization"] is not None:
@@ -377,28 +318,17 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         parts = {"fit": fit, "val": val, "test": test}
         if config.protocol == "knn":
             parts["train"] = train
-        feats = {
-            k: extract_dataset_features(backbone, ds.images, mean, std, device, config.feature_batch_size, config.amp)
-            for k, ds in parts.items()
-        }
-        labels = {k: ds.labels.to(device) for k, ds in parts.items()}
+        feats = {k: extract_dataset_features(backbone, ds.images, mean, std, rt, config.feature_batch_size) for k, ds in parts.items()}
+        labels = {k: ds.labels.to(rt.device) for k, ds in parts.items()}
         if config.protocol == "knn":
             result = knn_evaluate(feats, labels, num_classes, config.knn.k, config.knn.temperature)
         else:
-            result = linear_probe(feats, labels, num_classes, config.linear, seed=config.seed)
+            result = linear_probe(feats, labels, num_classes, config.linear, rt, seed=config.seed)
         result["feature_dim"] = int(feats["fit"].shape[1])
     else:
         if isinstance(backbone, PixelFeatures):
             raise SynthgenError("fine-tuning needs a trainable model, not 'pixels'")
-        data = {
-            "fit_images": fit.images, "fit_labels": fit.labels,
-            "val_images": val.images, "val_labels": val.labels,
-            "test_images": test.images, "test_labels": test.labels,
-        }  # fmt: skip
-        result = finetune(
-            backbone, data, num_classes, config.finetune, mean, std, device,
-            seed=config.seed, amp=config.amp, progress=progress, feature_batch_size=config.feature_batch_size,
-        )  # fmt: skip
+        result = finetune(backbone, fit, val, test, num_classes, config.finetune, mean, std, rt, seed=config.seed, quiet=not progress)
     return {
         "name": config.name,
         "protocol": config.protocol,
@@ -415,7 +345,8 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         "normalization": {"kind": norm_kind, "mean": list(mean), "std": list(std)},
         "config": config.model_dump(mode="json"),
         "seed": config.seed,
-        "device": device_description(device),
+        "device": rt.describe(),
+        "runtime": rt.settings(),
         "versions": library_versions(),
         "elapsed_s": round(time.time() - t0, 2),
     }

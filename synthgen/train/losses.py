@@ -1,8 +1,8 @@
 """Training objectives: supervised cross-entropy, 4-way rotation, SimCLR NT-Xent, StableRep multi-positive.
 
-All losses take float features/logits and return a scalar tensor. The contrastive losses compute in
-float32 whatever the autocast dtype, L2-normalise their inputs and exclude each sample from its own
-softmax (the "self" logit).
+All losses take float features/logits and return a scalar tensor. The contrastive losses
+L2-normalise their inputs and exclude each sample from its own softmax (the "self" logit); NT-Xent
+computes in float32, the multi-positive loss in its input's dtype (as StableRep's code does).
 
 * :func:`rotate_batch` — Mormille & Atsumi's pretext task (after Gidaris et al.): every image is
   rotated by 0, 90, 180 and 270 degrees and the network predicts which.
@@ -91,33 +91,28 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
 def multi_positive_contrastive_loss(
     features: torch.Tensor, groups: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
-    """StableRep's multi-positive contrastive loss (Tian et al. 2023, eq. 2-3).
+    """StableRep's multi-positive contrastive loss (Tian et al. 2023, eq. 2-3), as the authors'
+    ``MultiPosConLoss`` computes it.
 
     ``features`` ``[n, d]`` are L2-normalised to ``a_i``; ``groups`` ``[n]`` holds each image's caption
     id. For anchor ``i`` the logits are ``a_i . a_j / temperature`` over ``j != i`` (self excluded),
-    the target distribution is ``p_ij = 1[g_i = g_j, j != i] / sum_k 1[g_i = g_k, k != i]`` and the
-    loss is the mean over anchors of the cross-entropy ``-sum_j p_ij log softmax(logits_i)_j``.
-
-    Anchors without any positive (a group with one image in the batch) have no target; they are
-    left out of the mean (they still serve as negatives for the others). A batch without any
-    positive pair returns a zero that still carries a gradient graph.
+    the target distribution is ``p_ij = 1[g_i = g_j, j != i] / max(1, sum_k 1[g_i = g_k, k != i])``
+    and the loss is the cross-entropy ``-sum_j p_ij log softmax(logits_i)_j`` averaged over ALL ``n``
+    anchors: an anchor without a positive contributes 0 to the sum and still counts in the mean
+    (as in the authors' code). Computed in the dtype of ``features`` (bf16 under autocast, as
+    theirs); a batch without any positive pair returns a zero that still carries a gradient graph.
     """
     if features.ndim != 2 or groups.ndim != 1 or groups.shape[0] != features.shape[0]:
         raise ValueError(
             f"expected features [n, d] and groups [n], got {tuple(features.shape)} and {tuple(groups.shape)}"
         )
     n = features.shape[0]
-    a = F.normalize(features.float(), dim=1)
+    a = F.normalize(features, dim=1)
     self_mask = _self_mask(n, a.device)
     logits = (a @ a.t()) / temperature
-    log_prob = F.log_softmax(logits.masked_fill(self_mask, float("-inf")), dim=1)
-    log_prob = log_prob.masked_fill(self_mask, 0.0)  # avoid 0 * -inf below
+    log_prob = F.log_softmax(logits.masked_fill(self_mask, torch.finfo(logits.dtype).min), dim=1)
+    log_prob = log_prob.masked_fill(self_mask, 0.0)  # p is 0 there: keep 0 * log p finite
     groups = groups.to(a.device)
     positives = (groups[:, None] == groups[None, :]) & ~self_mask
-    counts = positives.sum(dim=1)
-    valid = counts > 0
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    p = positives.float() / counts.clamp(min=1).unsqueeze(1).float()
-    per_anchor = -(p * log_prob).sum(dim=1)
-    return per_anchor[valid].mean()
+    p = positives.to(logits.dtype) / positives.sum(dim=1, keepdim=True).clamp(min=1).to(logits.dtype)
+    return -(p * log_prob).sum(dim=1).mean()

@@ -1,8 +1,9 @@
-"""The optimiser and its step, shared by every training loop (classification, pre-training, fine-tuning)."""
+"""The optimiser and its rate schedule, shared by every training loop (classification, pre-training, fine-tuning)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import math
+from typing import Iterable
 
 import torch
 
@@ -10,7 +11,7 @@ from synthgen.errors import SynthgenError
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter],
+    params: Iterable[torch.nn.Parameter] | Iterable[dict],
     name: str,
     *,
     lr: float,
@@ -25,7 +26,8 @@ def build_optimizer(
     launches of the default path are a visible share of a small network's step.
     """
     params = list(params)
-    fused = {"fused": True} if params and params[0].is_cuda else {}
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = {"fused": True} if tensors and tensors[0].is_cuda else {}
     key = name.lower()
     if key == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
@@ -36,18 +38,21 @@ def build_optimizer(
     raise SynthgenError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
 
 
-def optimizer_step(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    parameters: Iterable[torch.nn.Parameter],
-    grad_clip: Optional[float] = None,
-) -> None:
-    """Backward, optional gradient-norm clipping, step; the scaler is a no-op unless fp16 AMP is on."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+def _lr_lambda(total_steps: int, warmup: int, kind: str):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, kind: str):
+    """Linear warm-up over ``warmup`` steps, then constant or cosine to 0 at ``total_steps`` - the
+    steps the run will actually take (a capped run ends its schedule, not its warm-up)."""
+    if kind not in ("constant", "cosine"):
+        raise SynthgenError(f"lr_schedule must be constant or cosine, got {kind!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, min(warmup, total_steps), kind))

@@ -3,29 +3,29 @@
 ``pretrain(config, out_dir)`` trains ``config.model`` (a feature extractor from
 :func:`synthgen.train.models.create_model` with ``num_classes=0``) plus an objective head:
 
-* ``rotation`` — a linear 4-way classifier on the pooled features; every batch of ``batch_size``
+* ``rotation`` - a linear 4-way classifier on the pooled features; every batch of ``batch_size``
   images becomes ``4 * batch_size`` rotated copies (:func:`~synthgen.train.losses.rotate_batch`).
-* ``simclr`` — two :class:`~synthgen.train.augment.ContrastiveAugment` views per image, an MLP
+* ``simclr`` - two :class:`~synthgen.train.augment.ContrastiveAugment` views per image, an MLP
   projection, :func:`~synthgen.train.losses.nt_xent_loss`.
-* ``stablerep`` — batches of ``groups_per_batch`` captions x ``images_per_group`` images from
+* ``stablerep`` - batches of ``groups_per_batch`` captions x ``images_per_group`` images from
   :class:`~synthgen.train.samplers.GroupBatchSampler`, one augmented view per image, an MLP
   projection, :func:`~synthgen.train.losses.multi_positive_contrastive_loss`.
 
-Images are decoded once (:func:`~synthgen.train.data.load_image_dataset`) into a uint8 tensor and
-batches are cut from it and augmented on the device. On CUDA: bf16 autocast (fp16 + GradScaler where
-bf16 is unsupported) and channels_last.
+The training set is one split, a mixture of sources (``dataset.sources``; rows per source are
+recorded), or a stream of parquet shards (``dataset.stream``). Device, precision, compile mode and
+DDP come from :class:`~synthgen.train.runtime.Runtime`: under ``torchrun`` each process takes its
+share of every global batch, contrastive losses gather the features of the whole global batch, and
+only rank 0 writes. The rate schedule (warm-up, cosine) is sized to the steps actually run.
 
-The output folder holds ``checkpoint.pt`` (backbone and head state dicts, optimizer, scheduler,
-step, resolved config, normalisation), ``config.yaml`` (the resolved config) and ``metrics.json``
-(loss history). Running the same config into the same folder resumes from the checkpoint (written
+The output folder holds the checkpoint (:mod:`synthgen.train.checkpoint`: ``model.safetensors``
+with ``backbone.*``/``head.*``, ``optimizer.safetensors``, ``checkpoint.json``), ``config.yaml`` and
+``metrics.json``. Running the same config into the same folder resumes from the checkpoint (written
 every ``checkpoint_every`` epochs, at the end, and on Ctrl-C); a finished run is not repeated.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +37,9 @@ import yaml
 
 from synthgen.errors import SynthgenError
 from synthgen.provenance import library_versions
-from synthgen.train.optim import build_optimizer, optimizer_step
-from synthgen.train.augment import ContrastiveAugment, normalize, random_crop_flip, to_unit_float
+from synthgen.train.augment import ContrastiveAugment, random_crop_flip
+from synthgen.train.batches import TensorBatches, resolve_normalization
+from synthgen.train.checkpoint import atomic_write_text, has_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from synthgen.train.config import (
     PretrainConfig,
     RotationObjective,
@@ -47,23 +48,26 @@ from synthgen.train.config import (
     config_hash,
     resolve_source,
 )
+from synthgen.train.data import to_float
 from synthgen.train.losses import multi_positive_contrastive_loss, nt_xent_loss, rotate_batch, rotation_loss
+from synthgen.train.optim import build_optimizer, make_scheduler
+from synthgen.train.runtime import Runtime
 from synthgen.train.samplers import GroupBatchSampler
 
 __all__ = [
     "PretrainResult",
     "pretrain",
     "build_head",
-    "resolve_device",
-    "resolve_normalization",
-    "autocast_context",
-    "CHECKPOINT_NAME",
+    "make_optimizer",
+    "make_scheduler",
+    "progress_bar",
+    "load_pretrain_dataset",
+    "CHECKPOINT_KIND",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-_FORMAT = 1
+CHECKPOINT_KIND = "synthgen-pretrain"
 # Settings that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "device"}
+_RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "device", "compile"}
 
 
 @dataclass
@@ -77,50 +81,6 @@ class PretrainResult:
 # --------------------------------------------------------------------------------------------------
 # helpers shared with evaluate.py
 # --------------------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SynthgenError(f"unknown device {name!r} (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SynthgenError(f"device {name!r} asked for, but CUDA is not available")
-    return device
-
-
-def resolve_normalization(kind: str, images: torch.Tensor | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from synthgen.train.data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, channel_stats
-
-    if kind == "imagenet":
-        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
-    if kind == "cifar":
-        return tuple(CIFAR_MEAN), tuple(CIFAR_STD)
-    if kind == "half":
-        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    if kind == "dataset":
-        if images is None:
-            raise SynthgenError("normalization 'dataset' needs the training images")
-        return channel_stats(images)
-    raise SynthgenError(f"unknown normalization {kind!r}")
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); a no-op elsewhere."""
-    import contextlib
-
-    if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Module:
     if layers == 1:
         return nn.Linear(d_in, d_out)
@@ -153,55 +113,33 @@ class _Trainee(nn.Module):
         return self.head(extract_features(self.backbone, x))
 
 
-def _lr_lambda(total_steps: int, warmup: int, kind: str):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "cosine":
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+def decay_groups(model: nn.Module, weight_decay: float, exempt_bias_and_norm: bool) -> list[dict]:
+    """Parameter groups; with ``exempt_bias_and_norm`` (StableRep's ``add_weight_decay``) biases and
+    1-d parameters (norm layers' scales and shifts) get no weight decay."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not exempt_bias_and_norm:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    exempt = [p for n, p in params if p.ndim < 2 or n.endswith("bias")]
+    decay = [p for n, p in params if not (p.ndim < 2 or n.endswith("bias"))]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
-    return f
 
-
-def make_optimizer(spec, params) -> torch.optim.Optimizer:
+def make_optimizer(spec, model: nn.Module, images_per_batch: int) -> torch.optim.Optimizer:
     """The optimizer an :class:`OptimizerSpec` describes (SGD uses Nesterov momentum when any)."""
+    groups = decay_groups(model, spec.weight_decay, spec.decay_exempt_bias_and_norm)
     return build_optimizer(
-        params, spec.name, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
-        momentum=spec.momentum, nesterov=spec.momentum > 0,
+        groups, spec.name, lr=spec.resolved_lr(images_per_batch), betas=tuple(spec.betas),
+        weight_decay=spec.weight_decay, momentum=spec.momentum, nesterov=spec.momentum > 0,
     )
-
-
-def make_scheduler(optimizer, total_steps: int, warmup: int, kind: str):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, kind))
 
 
 def progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
     )
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _resume_key(config: PretrainConfig) -> str:
@@ -209,31 +147,82 @@ def _resume_key(config: PretrainConfig) -> str:
     for key in _RESUMABLE_CHANGES:
         data.pop(key, None)
     data["schedule"].pop("max_steps", None)
+    data["dataset"].pop("num_workers", None)
     return json.dumps(data, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# the training loop
+# data
 # --------------------------------------------------------------------------------------------------
-def load_pretrain_dataset(config: PretrainConfig):
+def load_pretrain_dataset(config: PretrainConfig, runtime: Runtime | None = None):
+    """``(dataset, rows per source)``: an ImageTensorDataset, or a StreamBatches with ``dataset.stream``."""
     from synthgen.train.data import load_image_dataset
+    from synthgen.train.sources import load_mixture
 
     spec = config.dataset
     group_column = spec.group_column
     if isinstance(config.objective, StableRepObjective) and group_column is None:
         group_column = "group"
-    return load_image_dataset(
-        resolve_source(spec.source),
-        spec.split,
-        revision=spec.revision,
-        image_column=spec.image_column,
-        label_column=spec.label_column,
-        group_column=group_column,
-        image_size=spec.image_size or config.model.image_size,
-        limit=spec.limit,
-    )
+    size = spec.image_size or config.model.image_size
+    if spec.sources is not None:
+        return load_mixture(spec.sources, image_size=size, group_column=group_column, seed=config.seed)
+    if spec.stream:
+        from synthgen.train.stream import StreamBatches
+
+        if isinstance(config.objective, StableRepObjective):
+            raise SynthgenError("dataset.stream does not serve stablerep (its batches pick images by caption); decode the split instead")
+        stream = StreamBatches(resolve_source(spec.source), spec.split, runtime or Runtime.create(config.device), revision=spec.revision,
+                               image_column=spec.image_column, image_size=size, num_workers=spec.num_workers,
+                               seed=config.seed, limit=spec.limit, require_labels=False)
+        return stream, None
+    ds = load_image_dataset(resolve_source(spec.source), spec.split, revision=spec.revision, image_column=spec.image_column,
+                            label_column=spec.label_column, group_column=group_column, image_size=size, limit=spec.limit)
+    return ds, None
 
 
+def _gather(x: torch.Tensor, rt: Runtime, grad: bool) -> torch.Tensor:
+    """The whole global batch of ``x`` on every process (with gradients flowing back when ``grad``)."""
+    if not rt.distributed:
+        return x
+    import torch.distributed as dist
+
+    if grad:
+        import torch.distributed.nn.functional as dnn
+
+        return torch.cat(dnn.all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(rt.world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def objective_loss(obj, net, x_u8: torch.Tensor, groups, rt: Runtime, aug, mean, std, gen) -> tuple[torch.Tensor, dict]:
+    """One step's loss of ``obj`` on a (local) uint8 batch; contrastive losses see the global batch."""
+    extra: dict = {}
+    if isinstance(obj, RotationObjective):
+        x = to_float(x_u8, mean, std)
+        if obj.augment == "crop_flip":
+            x = random_crop_flip(x, generator=gen)
+        x4, y4 = rotate_batch(x)
+        with rt.autocast():
+            logits = net(x4)
+        loss = rotation_loss(logits, y4)
+        extra["acc"] = (logits.detach().argmax(1) == y4).float().mean()
+    elif isinstance(obj, SimCLRObjective):
+        n = x_u8.shape[0]
+        with rt.autocast():
+            z = net(torch.cat([aug(x_u8, gen), aug(x_u8, gen)]))
+        z1, z2 = _gather(z[:n].float(), rt, True), _gather(z[n:].float(), rt, True)
+        loss = nt_xent_loss(z1, z2, temperature=obj.temperature)
+    else:
+        with rt.autocast():
+            z = net(aug(x_u8, gen))
+        loss = multi_positive_contrastive_loss(_gather(z, rt, True), _gather(groups, rt, False), temperature=obj.temperature).float()
+    return loss, extra
+
+
+# --------------------------------------------------------------------------------------------------
+# the training loop
+# --------------------------------------------------------------------------------------------------
 def pretrain(
     config: PretrainConfig,
     out_dir: str | Path,
@@ -241,228 +230,163 @@ def pretrain(
     resume: bool = True,
     progress: bool = True,
     dataset=None,
+    runtime: Runtime | None = None,
 ) -> PretrainResult:
-    """Train ``config`` into ``out_dir`` (created); see the module docstring. ``dataset`` (an
-    :class:`~synthgen.train.data.ImageTensorDataset`) skips loading ``config.dataset``."""
+    """Train ``config`` into ``out_dir``; see the module docstring. ``dataset`` (an
+    :class:`~synthgen.train.data.ImageTensorDataset`) skips loading ``config.dataset``. Nothing is
+    written before the data has loaded and the checkpoint (when resuming) has been checked."""
     from synthgen.train.models import create_model
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT_NAME
-    device = resolve_device(config.device)
+    rt = runtime or Runtime.create(config.device, amp=config.amp, compile=config.compile, channels_last=config.channels_last)
     obj = config.objective
     torch.manual_seed(config.seed)
-
     state = None
-    if ckpt_path.exists():
+    if has_checkpoint(out):
         if not resume:
             raise SynthgenError(f"{out} already holds a checkpoint; use another --out, or resume")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(out, kind=CHECKPOINT_KIND)
         if state.get("resume_key") != _resume_key(config):
-            raise SynthgenError(
-                f"{ckpt_path} was trained with a different config; use another --out (or the same settings to resume)"
-            )
+            raise SynthgenError(f"{out} was trained with a different config; use another --out (or the same settings to resume)")
 
-    ds = dataset if dataset is not None else load_pretrain_dataset(config)
+    ds, mixture_rows = (dataset, None) if dataset is not None else load_pretrain_dataset(config, rt)
+    streamed = not hasattr(ds, "images")
     if len(ds) == 0:
         raise SynthgenError("the pre-training dataset is empty")
-    if ds.images.shape[-1] != ds.images.shape[-2] and isinstance(obj, RotationObjective):
-        raise SynthgenError("rotation pre-training needs square images; set dataset.image_size")
     if state is not None:
         mean, std = tuple(state["normalization"]["mean"]), tuple(state["normalization"]["std"])
+    elif streamed and config.normalization == "dataset":
+        mean, std = ds.channel_stats()
     else:
-        mean, std = resolve_normalization(config.normalization, ds.images)
+        mean, std = resolve_normalization(config.normalization, None if streamed else ds.images)
     size = config.model.image_size
 
-    # batches per epoch
+    # batches per epoch (global batches; each process takes its share)
+    sampler = None
     if isinstance(obj, StableRepObjective):
         if ds.groups is None:
             raise SynthgenError("stablerep needs a group (caption id) column; set dataset.group_column")
-        sampler = GroupBatchSampler(
-            ds.groups, obj.groups_per_batch, obj.images_per_group, seed=config.seed, short_groups=obj.short_groups
-        )
-        steps_per_epoch = len(sampler)
+        sampler = GroupBatchSampler(ds.groups, obj.groups_per_batch, obj.images_per_group, seed=config.seed, short_groups=obj.short_groups)
+        steps_per_epoch, batch = len(sampler), sampler.batch_size
         if steps_per_epoch == 0:
-            raise SynthgenError(
-                f"{sampler.num_groups} usable groups < groups_per_batch={obj.groups_per_batch}: not one full batch"
-            )
+            raise SynthgenError(f"{sampler.num_groups} usable groups < groups_per_batch={obj.groups_per_batch}: not one full batch")
     else:
-        sampler = None
-        if len(ds) < obj.batch_size:
-            raise SynthgenError(f"{len(ds)} images < batch_size={obj.batch_size}: not one full batch")
-        steps_per_epoch = len(ds) // obj.batch_size
+        batch = obj.batch_size
+        if len(ds) < batch:
+            raise SynthgenError(f"{len(ds)} images < batch_size={batch}: not one full batch")
+        steps_per_epoch = len(ds) // batch
+    if batch % rt.world_size:
+        raise SynthgenError(f"the global batch ({batch} images) does not split evenly over {rt.world_size} processes")
     total_steps = config.schedule.epochs * steps_per_epoch
     if config.schedule.max_steps is not None:
         total_steps = min(total_steps, config.schedule.max_steps)
-    sched_steps = config.schedule.epochs * steps_per_epoch  # the LR schedule ignores max_steps
 
     backbone = create_model(config.model.name, 0, image_size=size, pretrained=config.model.pretrained, **config.model.kwargs)
-    head = build_head(obj, int(backbone.num_features))
-    model = _Trainee(backbone, head).to(device)
-    cuda = device.type == "cuda"
-    if cuda and config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config.optimizer, [p for p in model.parameters() if p.requires_grad])
-    scheduler = make_scheduler(optimizer, sched_steps, config.schedule.warmup_steps, config.schedule.lr_schedule)
-    use_scaler = cuda and config.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    model = _Trainee(backbone, build_head(obj, int(backbone.num_features))).to(rt.device)
+    optimizer = make_optimizer(config.optimizer, model, batch)
+    scheduler = make_scheduler(optimizer, total_steps, config.schedule.warmup(steps_per_epoch), config.schedule.lr_schedule)
 
-    step = 0
-    history: list[dict] = []
-    epochs_log: list[dict] = []
-    elapsed_before = 0.0
-    resumed_from = None
+    step, history, epochs_log, elapsed_before, resumed_from = 0, [], [], 0.0, None
     if state is not None:
-        model.backbone.load_state_dict(state["backbone"])
-        model.head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
+        tensors = state.model_state()
+        load_model_state(model, tensors, str(out))
+        optimizer.load_state_dict(state.optimizer_state())
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+            rt.scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
-        history = list(state.get("history", []))
-        epochs_log = list(state.get("epochs_log", []))
+        history, epochs_log = list(state.get("history", [])), list(state.get("epochs_log", []))
         elapsed_before = float(state.get("elapsed_s", 0.0))
         resumed_from = step
+    net = rt.prepare(model, batch_size=(batch // rt.world_size) * (4 if isinstance(obj, RotationObjective) else 1))
 
     aug = None
     if not isinstance(obj, RotationObjective):
         a = obj.augment
-        aug = ContrastiveAugment(
-            size=size, mean=mean, std=std, scale=tuple(a.scale), strength=a.strength,
-            jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p, flip_p=a.flip_p,
-        )  # fmt: skip
+        aug = ContrastiveAugment(size=size, mean=mean, std=std, scale=tuple(a.scale), strength=a.strength,
+                                 jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p, flip_p=a.flip_p)
 
     resolved = config.model_dump(mode="json")
     resolved["dataset"]["resolved_source"] = ds.source
+    t0 = time.time()
 
     def metrics_doc(finished: bool) -> dict:
         losses = [h["loss"] for h in history]
         return {
-            "name": config.name,
-            "objective": obj.kind,
-            "finished": finished,
-            "step": step,
-            "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
-            "images": len(ds),
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "history": history,
-            "epochs": epochs_log,
-            "elapsed_s": round(elapsed_before + (time.time() - t0), 2),
-            "device": device_description(device),
-            "dataset": ds.source,
-            "seed": config.seed,
-            "config_hash": config_hash(config),
-            "versions": library_versions(),
+            "name": config.name, "objective": obj.kind, "finished": finished, "step": step, "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch, "images": len(ds), "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "history": history, "epochs": epochs_log,
+            "elapsed_s": round(elapsed_before + (time.time() - t0), 2), "device": rt.describe(), "runtime": rt.settings(),
+            "dataset": ds.source, "rows_per_source": mixture_rows, "seed": config.seed,
+            "config_hash": config_hash(config), "versions": library_versions(),
         }
 
     def save(finished: bool) -> None:
+        if not rt.is_main:
+            return
         doc = metrics_doc(finished)
-        _atomic_save(
-            {
-                "format": _FORMAT,
-                "kind": "synthgen-pretrain",
-                "backbone": model.backbone.state_dict(),
-                "head": model.head.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if use_scaler else None,
-                "step": step,
-                "finished": finished,
-                "config": resolved,
-                "resume_key": _resume_key(config),
-                "model": config.model.model_dump(mode="json"),
-                "num_features": int(model.backbone.num_features),
-                "normalization": {"mean": list(mean), "std": list(std), "kind": config.normalization},
-                "history": history,
-                "epochs_log": epochs_log,
-                "elapsed_s": doc["elapsed_s"],
-            },
-            ckpt_path,
-        )
-        _atomic_write(yaml.safe_dump(resolved, sort_keys=False), out / "config.yaml")
-        _atomic_write(json.dumps(doc, indent=2) + "\n", out / "metrics.json")
+        save_checkpoint(out, model.state_dict(), {
+            "kind": CHECKPOINT_KIND, "scheduler": scheduler.state_dict(),
+            "scaler": rt.scaler.state_dict() if rt.scaler.is_enabled() else None, "step": step, "finished": finished,
+            "config": resolved, "resume_key": _resume_key(config), "model": config.model.model_dump(mode="json"),
+            "num_features": int(model.backbone.num_features),
+            "normalization": {"mean": list(mean), "std": list(std), "kind": config.normalization},
+            "history": history, "epochs_log": epochs_log, "elapsed_s": doc["elapsed_s"],
+        }, optimizer)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2, default=str) + "\n")
 
-    t0 = time.time()
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if step >= total_steps:
         metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else metrics_doc(True)
-        return PretrainResult(out, ckpt_path, metrics, resumed_from)
+        return PretrainResult(out, out / "checkpoint.json", metrics, resumed_from)
 
-    images_cpu = ds.images
-    groups_all = ds.groups
-    if cuda:
-        # keep the whole uint8 set on the GPU when it takes under a quarter of its memory
-        free, _ = torch.cuda.mem_get_info(device)
-        if images_cpu.numel() < free // 4:
-            images_cpu = images_cpu.to(device)
+    tensors_data = None if streamed else TensorBatches(ds, rt, require_labels=False)
 
-    def batch_to_device(idx: torch.Tensor) -> torch.Tensor:
-        x = images_cpu[idx.to(images_cpu.device)]
-        return x.to(device, non_blocking=True)
-
-    def step_loss(x_u8: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        extra: dict = {}
-        mf = torch.channels_last if (cuda and config.channels_last) else torch.contiguous_format
-        if isinstance(obj, RotationObjective):
-            x = to_unit_float(x_u8)
-            if obj.augment == "crop_flip":
-                x = random_crop_flip(x, generator=gen)
-            x = normalize(x, mean, std)
-            x4, y4 = rotate_batch(x)
-            with autocast_context(device, config.amp):
-                logits = model(x4.contiguous(memory_format=mf))
-            loss = rotation_loss(logits, y4)
-            extra["acc"] = (logits.argmax(1) == y4).float().mean().item()
-        elif isinstance(obj, SimCLRObjective):
-            v = torch.cat([aug(x_u8, gen), aug(x_u8, gen)])
-            with autocast_context(device, config.amp):
-                z = model(v.contiguous(memory_format=mf))
-            n = x_u8.shape[0]
-            loss = nt_xent_loss(z[:n], z[n:], temperature=obj.temperature)
+    def epoch_batches(epoch: int, gen: torch.Generator):
+        if streamed:
+            yield from ((x, None) for x, _ in ds.epoch(batch, epoch, drop_last=True))
+            return
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = [torch.tensor(b) for b in sampler]
         else:
-            v = aug(x_u8, gen)
-            with autocast_context(device, config.amp):
-                z = model(v.contiguous(memory_format=mf))
-            loss = multi_positive_contrastive_loss(z, groups_all[idx].to(device), temperature=obj.temperature)
-        return loss, extra
+            perm = torch.randperm(len(ds), generator=gen)
+            order = list(perm[: steps_per_epoch * batch].view(steps_per_epoch, batch))
+        for idx in order:
+            local = rt.shard(idx)
+            x, _ = tensors_data.take(local)
+            yield x, None if tensors_data.groups is None else tensors_data.groups[local.to(rt.device)]
 
     model.train()
-    start_epoch = step // steps_per_epoch
     window: list[float] = []
     window_acc: list[float] = []
-    bar = progress_bar(progress)
     try:
-        with bar:
+        with progress_bar(progress and rt.is_main) as bar:
             task = bar.add_task(f"pretrain {config.name} ({obj.kind})", total=total_steps, completed=step, info="")
-            for epoch in range(start_epoch, config.schedule.epochs):
+            for epoch in range(step // steps_per_epoch, config.schedule.epochs):
                 if step >= total_steps:
                     break
                 gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                    batches = [torch.tensor(b) for b in sampler]
-                else:
-                    perm = torch.randperm(len(ds), generator=gen)
-                    batches = list(perm[: steps_per_epoch * obj.batch_size].view(steps_per_epoch, obj.batch_size))
                 skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
                 epoch_losses: list[float] = []
-                for idx in batches[skip:]:
+                for i, (x, groups) in enumerate(epoch_batches(epoch, gen)):
                     if step >= total_steps:
                         break
-                    x = batch_to_device(idx)
-                    loss, extra = step_loss(x, idx, gen)
+                    if i < skip:
+                        continue
+                    loss, extra = objective_loss(obj, net, x, groups, rt, aug, mean, std, gen)
                     if not torch.isfinite(loss):
                         raise SynthgenError(f"loss became {loss.item()} at step {step}; lower optimizer.lr")
-                    optimizer_step(loss, optimizer, scaler, model.parameters(), config.optimizer.grad_clip)
+                    rt.step(loss, optimizer, model.parameters(), config.optimizer.grad_clip)
                     scheduler.step()
                     step += 1
-                    value = loss.item()
+                    value = float(rt.all_reduce_mean(loss.detach()))  # the global batch's loss
                     window.append(value)
                     epoch_losses.append(value)
                     if "acc" in extra:
-                        window_acc.append(extra["acc"])
+                        window_acc.append(float(rt.all_reduce_mean(extra["acc"])))
                     if step % config.log_every == 0 or step == total_steps or step == 1:
                         rec = {"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}
                         if window_acc:
@@ -478,4 +402,7 @@ def pretrain(
         save(False)
         raise
     save(True)
-    return PretrainResult(out, ckpt_path, metrics_doc(True), resumed_from)
+    result = PretrainResult(out, out / "checkpoint.json", metrics_doc(True), resumed_from)
+    if runtime is None:
+        rt.close()  # leave the process group this call joined
+    return result
