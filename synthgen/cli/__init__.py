@@ -103,7 +103,8 @@ def _usage_exit(exc: BaseException) -> Optional[int]:
     from typer import _click as vendored
     from typer import exceptions as typer_exceptions
 
-    if isinstance(exc, (vendored.exceptions.NoArgsIsHelpError, click.exceptions.NoArgsIsHelpError)):
+    click_no_args = getattr(click.exceptions, "NoArgsIsHelpError", vendored.exceptions.NoArgsIsHelpError)  # click < 8.2
+    if isinstance(exc, (vendored.exceptions.NoArgsIsHelpError, click_no_args)):
         ctx = exc.ctx
         print(ctx.get_help())
         what = "a command" if ctx.parent is None else f"a {ctx.info_name} command"
