@@ -1,4 +1,4 @@
-"""An image grid with prompts, to eyeball a dataset folder."""
+"""Look at a dataset folder: an image grid with prompts, and one row regenerated next to its original."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ def read_first_rows(folder: str | Path, n: int) -> list[dict]:
         raise SynthgenError(f"{folder} holds no parquet shards (data/*.parquet); is it a dataset folder?")
     rows: list[dict] = []
     for shard in shards:
-        table = pq.read_table(shard)
+        try:
+            table = pq.read_table(shard)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise SynthgenError(f"{shard} is unreadable ({str(exc).splitlines()[0][:120]}); run `synthgen verify {folder}`") from None
         columns = [c for c in ("image", "index", "prompt", "label") if c in table.column_names]
         rows.extend(table.select(columns).slice(0, n - len(rows)).to_pylist())
         if len(rows) >= n:
@@ -46,7 +49,29 @@ def write_preview(folder: str | Path, out: str | Path, n: int = 16, columns: int
         caption = f"#{row['index']} {row.get('prompt') or ''}"
         lines = textwrap.wrap(caption, chars)[:3]
         draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=2)
+    return _save(grid, out)
+
+
+def _save(image: Image.Image, out: str | Path) -> Path:
+    """Save a PNG, creating its folder; a read-only or missing place is one line, not a traceback."""
+    from synthgen.dataset.build import disk_errors
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    with disk_errors():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out, format="PNG")
     return out
+
+
+def regenerate_to_file(folder: str | Path, index: int, out: str | Path, loaded_pipeline=None) -> int:
+    """Regenerate row ``index`` of ``folder`` into the PNG ``out``; returns the largest pixel
+    difference from the stored image. The row and its shard are checked before anything is written."""
+    import numpy as np
+
+    from synthgen.dataset import read_row, regenerate_row
+
+    row = read_row(folder, index)  # raises on a damaged shard: no PNG is written then
+    stored = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")).astype(int)
+    image = regenerate_row(folder, index, loaded_pipeline=loaded_pipeline, row=row)
+    _save(image, out)
+    return int(np.abs(stored - np.asarray(image.convert("RGB")).astype(int)).max())

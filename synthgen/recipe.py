@@ -9,18 +9,40 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synthgen.errors import RecipeError
-from synthgen.paths import RECIPES_DIR
+from synthgen.paths import RECIPES_DIR, recipe_folders  # noqa: F401  (RECIPES_DIR: re-exported)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Fields that change how fast or where a dataset is made, never what it holds (beyond the
+    # rounding of batched kernels): left out of the content and settings hashes, so a build
+    # resumes across them. Every other field -- a new one included -- changes the dataset.
+    RUNTIME: ClassVar[frozenset[str]] = frozenset()
+    # Fields that decide the plan (rows, shards) but not an image's pixels.
+    LAYOUT: ClassVar[frozenset[str]] = frozenset()
+
+    def content(self) -> dict[str, Any]:
+        """The fields that decide the dataset, as plain data: everything but ``RUNTIME``."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            if name in self.RUNTIME:
+                continue
+            value = getattr(self, name)
+            out[name] = value.content() if isinstance(value, _Strict) else value
+        return json.loads(json.dumps(out))  # plain JSON data (copies lists)
+
+    def pixel_settings(self) -> dict[str, Any]:
+        """The fields that decide an image's pixels: neither ``RUNTIME`` nor ``LAYOUT``."""
+        return {k: v for k, v in self.content().items() if k not in self.LAYOUT}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,6 +126,11 @@ SCHEDULERS = (
 class GeneratorConfig(_Strict):
     """How images are generated: which pipeline, which scheduler, how many steps, which guidance."""
 
+    # Speed and placement only (see _Strict.RUNTIME): a build resumes across a change of these.
+    RUNTIME: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "device", "max_retries", "attention_slicing", "vae_decode_chunk", "prompt_cache"}
+    )
+
     # A Hub id (``stabilityai/stable-diffusion-2``), a local folder, or ``builtin:tiny-sd`` (a tiny
     # random-weight pipeline synthgen builds from configs: for demos and tests, never for quality).
     model: str
@@ -146,7 +173,7 @@ class GeneratorConfig(_Strict):
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError(f"must be a multiple of 8, got {value}")
+            raise ValueError("must be a multiple of 8")
         return value
 
 
@@ -154,6 +181,8 @@ class GeneratorConfig(_Strict):
 # output
 # --------------------------------------------------------------------------------------------------
 class OutputConfig(_Strict):
+    LAYOUT: ClassVar[frozenset[str]] = frozenset({"split", "images_per_shard"})
+
     split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
     images_per_shard: int = Field(1000, ge=1)
     image_size: Optional[int] = Field(None, ge=1)  # stored size (square); null keeps generated size
@@ -166,6 +195,8 @@ class OutputConfig(_Strict):
 # recipe
 # --------------------------------------------------------------------------------------------------
 class Recipe(_Strict):
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"description"})
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     seed: int = Field(0, ge=0, lt=2**63)
@@ -179,36 +210,27 @@ class Recipe(_Strict):
         return self.model_dump(mode="json")
 
     def recipe_hash(self) -> str:
-        """Hash of everything that decides the dataset's content; a changed hash means a new dataset."""
-        return _hash(self.resolved())
+        """Hash of everything that decides the dataset (not RUNTIME fields such as batch size or
+        device); a changed hash means another dataset, which a folder refuses to resume into."""
+        return _hash(self.content())
 
-    def generation_settings(self) -> dict[str, Any]:
-        """The settings that decide an image's pixels besides its prompt and seed."""
-        gen = self.generator
-        out = self.output
-        return {
-            "model": gen.model,
-            "revision": gen.revision,
-            "scheduler": gen.scheduler,
-            "steps": gen.steps,
-            "guidance_scale": gen.guidance_scale,
-            "negative_prompt": gen.negative_prompt,
-            "height": gen.height,
-            "width": gen.width,
-            "dtype": gen.dtype,
-            "compile": gen.compile,
-            "attention": gen.attention,
-            "channels_last": gen.channels_last,
-            "fuse_qkv": gen.fuse_qkv,
-            "step_cache_interval": gen.step_cache_interval,
-            "image_size": out.image_size,
-            "resize_filter": out.resize_filter,
-            "image_format": out.image_format,
-            "jpeg_quality": out.jpeg_quality if out.image_format != "png" else None,
-        }
+    def generation_settings(self, model: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The settings that decide an image's pixels besides its prompt and seed.
 
-    def settings_hash(self) -> str:
-        return _hash(self.generation_settings())[:16]
+        ``model`` is the loaded pipeline's provenance: its resolved revision (a Hub commit or a
+        content fingerprint) and dtype join the settings, so images of a model that changed, or
+        ran in another precision, never share a settings hash.
+        """
+        settings = {**self.generator.pixel_settings(), **self.output.pixel_settings()}
+        if self.output.image_format == "png":
+            settings["jpeg_quality"] = None  # lossless: the quality setting is unused
+        if model is not None:
+            settings["model_revision"] = model["model_revision"]
+            settings["resolved_dtype"] = model["dtype"]
+        return settings
+
+    def settings_hash(self, model: Optional[dict[str, Any]] = None) -> str:
+        return _hash(self.generation_settings(model))[:16]
 
 
 def _hash(data: Any) -> str:
@@ -218,26 +240,52 @@ def _hash(data: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
+def recipe_files(folders: Path | Sequence[Path] | None = None) -> dict[str, Path]:
+    """Recipe name -> file, over ``folders`` (default: ``$SYNTHGEN_RECIPES``, then built-ins);
+    an earlier folder's recipe hides a later one of the same name."""
+    found: dict[str, Path] = {}
+    for folder in _folder_list(folders):
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return list(recipe_files())
 
 
-def find_recipe_file(name_or_path: str | Path, folder: Path, what: str = "recipe") -> Path:
-    """A bare name (``demo``) resolves to ``folder/demo.yaml``; anything else is a path."""
-    path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+def is_path_like(text: str) -> bool:
+    """A recipe argument names a file when it has a folder part or a YAML suffix (``./demo``,
+    ``demo.yaml``, ``~/r/x``); otherwise it is a recipe name, whatever the current folder holds."""
+    return "/" in text or os.sep in text or text.startswith(("~", ".")) or Path(text).suffix in {".yaml", ".yml"}
+
+
+def find_recipe_file(
+    name_or_path: str | Path, folder: Path | Sequence[Path], what: str = "recipe"
+) -> Path:
+    """A bare name (``demo``) resolves to ``<folder>/demo.yaml`` in the first of ``folder`` that
+    holds it; a path-like argument (see :func:`is_path_like`) is a file."""
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or is_path_like(text):
+        path = Path(text).expanduser()
         if not path.is_file():
             raise RecipeError(f"{what} file not found: {path}")
         return path
-    builtin = folder / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        return builtin
-    known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-    raise RecipeError(f"unknown {what} {str(name_or_path)!r}: not a file, and not one of {known}")
+    known = recipe_files(folder)
+    if text in known:
+        return known[text]
+    hint = f"; for the file in this folder write ./{text}" if Path(text).is_file() else ""
+    raise RecipeError(f"unknown {what} {text!r}: not one of {', '.join(known) or '(none found)'}{hint}")
+
+
+def _folder_list(folders: Path | Sequence[Path] | None) -> list[Path]:
+    if folders is None:
+        return recipe_folders()
+    return [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    return find_recipe_file(name_or_path, RECIPES_DIR, "recipe")
+    return find_recipe_file(name_or_path, recipe_folders(), "recipe")
 
 
 def read_yaml_mapping(path: Path, what: str = "recipe") -> dict[str, Any]:
@@ -284,17 +332,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(
-    name_or_path: str | Path, overrides: list[str] | None = None, limit: int | None = None
-) -> Recipe:
-    """Read, override and validate a recipe. ``limit`` caps ``count`` (a quick partial build)."""
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe (a quick partial build is ``build_dataset(limit=)``)."""
     path = recipe_path(name_or_path)
     data = apply_overrides(read_yaml_mapping(path), overrides or [])
-    if limit is not None:
-        if limit <= 0:
-            raise RecipeError(f"--limit must be positive, got {limit}")
-        if isinstance(data.get("count"), int):
-            data["count"] = min(data["count"], limit)
     return recipe_from_dict(data, source=str(path))
 
 
@@ -321,7 +362,8 @@ def format_validation_error(exc: ValidationError) -> str:
             msg = err["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
-            if "input" in err and kind not in {"union_tag_invalid", "model_type"}:
-                msg += f" (got {err['input']!r})"
+            got = f"got {err['input']!r}" if "input" in err else ""
+            if got and kind not in {"union_tag_invalid", "model_type"} and got not in msg:
+                msg += f" ({got})"
         parts.append(f"{key}: {msg}")
     return "; ".join(parts)

@@ -1,4 +1,4 @@
-"""Dataset commands: build, recipes, prompts, preview, regenerate."""
+"""Dataset commands: build, verify, recipes, prompts, preview, regenerate."""
 
 from __future__ import annotations
 
@@ -6,24 +6,29 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from synthgen.cli import app
+from synthgen.cli import app, error_line
+from synthgen.cli.output import console, err_console, write_plain
 
-console = Console()
-err_console = Console(stderr=True)
-
-recipes_app = typer.Typer(help="List and show the built-in dataset recipes (recipes/*.yaml).", no_args_is_help=True)
+recipes_app = typer.Typer(
+    help="List and show dataset recipes (built-in, and your own folders: --recipes / SYNTHGEN_RECIPES).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 app.add_typer(recipes_app, name="recipes")
 
+RECIPE_HELP = ("A recipe name (see `synthgen recipes list`) or a YAML file; a file path has a folder part "
+               "or a .yaml suffix (./demo, demo.yaml).")
 SET_HELP = "Override a recipe field, e.g. --set generator.guidance_scale=2 (repeatable; values are YAML)."
+#: exit status of a build that finished its share while other shards are still unbuilt
+EXIT_PARTIAL = 3
 
 
-def _load(recipe: str, overrides: Optional[List[str]], limit: Optional[int]):
+def _load(recipe: str, overrides: Optional[List[str]]):
     from synthgen.recipe import load_recipe
 
-    return load_recipe(recipe, overrides or [], limit=limit)
+    return load_recipe(recipe, overrides or [])
 
 
 def default_out(name: str) -> Path:
@@ -32,9 +37,13 @@ def default_out(name: str) -> Path:
 
 @app.command()
 def build(
-    recipe: str = typer.Argument(..., help="A built-in recipe name (see `synthgen recipes list`) or a YAML file."),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder [default: outputs/<recipe name>]."),
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Generate at most N images (a quick partial build)."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", "-n",
+        help="Build only the first N images of the recipe's plan; a later build without --limit completes it "
+        "[default: all].",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (images, shards, prompts, folder) and write nothing."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder built from another recipe."),
@@ -42,28 +51,47 @@ def build(
     worker_index: int = typer.Option(0, "--worker-index", help="Which share of the shards this process builds (0-based)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Build (or resume) a dataset from a recipe into a Hugging Face-style folder of parquet shards.
+    """Build (or resume, or extend) a dataset from a recipe into a Hugging Face-style folder of parquet shards.
 
-    Re-running the same command resumes: finished shards are kept, unfinished ones redone. Several
-    processes may build one folder at once (e.g. one per GPU with CUDA_VISIBLE_DEVICES): shards are
-    claimed with file locks.
+    Re-running the same command resumes: finished shards are checked (size, sha256, rows) and kept,
+    unfinished or damaged ones redone. A resume may change settings that do not change images
+    (generator.batch_size, generator.device, ...); any other change is refused, naming the key.
+    Several processes may build one folder at once (e.g. one per GPU with CUDA_VISIBLE_DEVICES):
+    shards are claimed with file locks. Exit status 3: this worker's share (--num-workers) is done
+    but other shards are not.
     """
     from synthgen.dataset import build_dataset, plan_build
 
-    r = _load(recipe, set_, limit)
+    r = _load(recipe, set_)
     folder = out or default_out(r.name)
     if dry_run:
-        _print_plan(plan_build(r, folder, overwrite=overwrite))
+        _print_plan(plan_build(r, folder, overwrite=overwrite, limit=limit))
         return
     result = build_dataset(
-        r, folder, overwrite=overwrite, progress=not quiet, num_workers=num_workers, worker_index=worker_index
+        r, folder, limit=limit, overwrite=overwrite, progress=not quiet, num_workers=num_workers,
+        worker_index=worker_index,
     )
-    status = "complete" if result.complete else "partial (other shards pending)"
+    for name, why in result.rebuilt.items():
+        err_console.print(f"note: rebuilt shard {name}: its file did not match its marker ({why})", markup=False, highlight=False)
+    if result.dataset_complete:
+        status = "complete"
+    elif result.complete:
+        status = f"first {result.rows_target:,} images built (run without --limit to complete it)"
+    else:
+        status = "partial"
     console.print(
-        f"[green]{result.folder}[/green]: {status}; {result.rows_planned:,} images planned, "
+        f"{result.folder}: {status}; {result.rows_planned:,} images planned, "
         f"{result.shards_written} shard(s) written, {result.shards_skipped} already done, "
-        f"{result.retries} image(s) regenerated, {result.seconds:.1f} s"
+        f"{result.retries} image(s) regenerated, {result.seconds:.1f} s",
+        markup=False, highlight=False,
     )
+    if not result.complete:
+        shown = ", ".join(result.left[:4]) + (f" and {len(result.left) - 4} more" if len(result.left) > 4 else "")
+        error_line(
+            f"the dataset is unfinished: {len(result.left)} shard(s) left ({shown}); they belong to other workers "
+            f"(--num-workers {num_workers}): run those, or the same command without --worker-index to finish"
+        )
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 def _print_plan(build) -> None:
@@ -71,8 +99,9 @@ def _print_plan(build) -> None:
     gen = r.generator
     table = Table(title=f"plan: {r.name}", show_header=False)
     table.add_row("folder", f"{build.folder} ({build.state})")
-    table.add_row("images", f"{r.count:,}")
-    table.add_row("shards", f"{build.plan.num_shards} x {build.plan.per_shard} ({len(build.done)} done)")
+    images = f"{r.count:,}" if build.limit is None or build.limit >= r.count else f"first {build.target_rows:,} of {r.count:,}"
+    table.add_row("images", images)
+    table.add_row("shards", f"{len(build.targets)} of {build.plan.num_shards} x {build.plan.per_shard} ({len(build.done)} done)")
     table.add_row("split", r.output.split)
     table.add_row("classes", str(len(build.sampler.class_names)) if build.sampler.class_names else "none")
     table.add_row("model", f"{gen.model} @ {gen.revision or 'default'}")
@@ -83,7 +112,8 @@ def _print_plan(build) -> None:
     )
     size = f"{r.output.image_size}px ({r.output.resize_filter})" if r.output.image_size else "generated size"
     table.add_row("stored", f"{r.output.image_format}, {size}")
-    table.add_row("settings hash", r.settings_hash())
+    stored = (build.stored or {}).get("settings_hash")
+    table.add_row("settings hash", stored or "set when the model loads (it includes the model's resolved revision)")
     console.print(table)
     preview = Table(title="first prompts")
     for col in ("index", "label", "group", "prompt"):
@@ -97,33 +127,35 @@ def _print_plan(build) -> None:
 
 @recipes_app.command("list")
 def recipes_list() -> None:
-    """List the built-in recipes."""
-    from synthgen.recipe import list_recipes, load_recipe
+    """List the recipes: built-in ones and those in your recipe folders."""
+    from synthgen.paths import RECIPES_DIR
+    from synthgen.recipe import load_recipe, recipe_files
 
     table = Table()
-    for col in ("name", "images", "sampler", "model", "description"):
+    for col in ("name", "images", "sampler", "model", "from", "description"):
         table.add_column(col)
-    for name in list_recipes():
-        r = load_recipe(name)
-        table.add_row(name, f"{r.count:,}", r.prompts.kind, r.generator.model, r.description.split("\n")[0])
+    for name, path in recipe_files().items():
+        r = load_recipe(path)
+        source = "built-in" if path.parent == RECIPES_DIR else str(path.parent)
+        table.add_row(name, f"{r.count:,}", r.prompts.kind, r.generator.model, source, r.description.split("\n")[0])
     console.print(table)
 
 
 @recipes_app.command("show")
 def recipes_show(
-    recipe: str = typer.Argument(..., help="Recipe name or YAML file."),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
 ) -> None:
-    """Print a recipe with every default filled in (what a build would use)."""
+    """Print a recipe with every default filled in (what a build would use), as YAML."""
     import yaml
 
-    r = _load(recipe, set_, None)
-    console.print(yaml.safe_dump(r.resolved(), sort_keys=False, allow_unicode=True), end="", markup=False, highlight=False)
+    r = _load(recipe, set_)
+    write_plain(yaml.safe_dump(r.resolved(), sort_keys=False, allow_unicode=True, width=float("inf")))
 
 
 @app.command()
 def prompts(
-    recipe: str = typer.Argument(..., help="Recipe name or YAML file."),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP),
     n: int = typer.Option(20, "-n", help="How many prompts to show."),
     start: int = typer.Option(0, "--start", help="First image index."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
@@ -132,12 +164,14 @@ def prompts(
     """Show the prompts a recipe gives its images (index, label, group, prompt)."""
     from synthgen.prompts import build_sampler
 
-    sampler = build_sampler(_load(recipe, set_, None))
+    if n < 0 or start < 0:
+        raise typer.BadParameter("-n and --start must not be negative")
+    sampler = build_sampler(_load(recipe, set_))
     indices = range(max(0, start), min(len(sampler), start + n))
     if tsv:
         for i in indices:
             rec = sampler[i]
-            print(f"{rec.index}\t{rec.label_name or ''}\t{rec.group}\t{rec.prompt or ''}")
+            write_plain(f"{rec.index}\t{rec.label_name or ''}\t{rec.group}\t{rec.prompt or ''}\n")
         return
     table = Table()
     for col in ("index", "label", "group", "prompt"):
@@ -160,25 +194,38 @@ def preview(
     from synthgen.preview import write_preview
 
     path = write_preview(folder, out or folder / "preview.png", n=n, columns=columns, cell=cell)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 @app.command()
 def regenerate(
     folder: Path = typer.Argument(..., help="A dataset folder written by `synthgen build`."),
     index: int = typer.Argument(..., help="Global index of the row to regenerate."),
-    out: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG to write (its folder is created if missing)."),
 ) -> None:
     """Regenerate one image from its row (prompt, seed) and the folder's settings, and compare."""
-    import io
+    from synthgen.preview import regenerate_to_file
 
-    import numpy as np
-    from PIL import Image
+    diff = regenerate_to_file(folder, index, out)
+    console.print(f"wrote {out}; max pixel difference from the stored image: {diff}", markup=False, highlight=False)
 
-    from synthgen.dataset import read_row, regenerate_row
 
-    image = regenerate_row(folder, index)
-    image.save(out)
-    stored = np.asarray(Image.open(io.BytesIO(read_row(folder, index)["image"]["bytes"])).convert("RGB"))
-    diff = np.abs(stored.astype(int) - np.asarray(image.convert("RGB")).astype(int)).max()
-    console.print(f"wrote {out}; max pixel difference from the stored image: {diff}")
+@app.command()
+def verify(
+    folder: Path = typer.Argument(..., help="A dataset folder written by `synthgen build`."),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (slower, thorough)."),
+) -> None:
+    """Check a dataset folder: checksums, rows and indices of every shard, every image, stray files.
+
+    Exit status 1 when there is any problem (each printed on its own line).
+    """
+    from synthgen.dataset import verify_dataset
+    from synthgen.dataset.verify import format_report
+
+    report = verify_dataset(folder, decode=decode)
+    lines = format_report(report)
+    for line in lines[:-1]:
+        err_console.print(line, markup=False, highlight=False)
+    console.print(lines[-1], markup=False, highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)

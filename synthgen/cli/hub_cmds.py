@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from synthgen.cli import app
-
-console = Console()
+from synthgen.cli.output import console
 
 
 @app.command()

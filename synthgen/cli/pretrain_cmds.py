@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from synthgen.cli import app
+from synthgen.cli.output import console, err_console
 
-console = Console()
-err_console = Console(stderr=True)
 
 SET_HELP = "Override a recipe field, e.g. --set optimizer.lr=3e-4 (repeatable; values are YAML)."
 

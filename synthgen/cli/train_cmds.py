@@ -8,13 +8,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from synthgen.cli import app
+from synthgen.cli.output import console, err_console
 from synthgen.errors import SynthgenError
 
-console = Console()
-err_console = Console(stderr=True)
 
 
 def parse_scales(text: str | None) -> list[int] | None:

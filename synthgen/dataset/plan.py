@@ -1,8 +1,14 @@
-"""The shard plan: fixed up front from the image count, so every worker agrees on every shard."""
+"""The shard plan: fixed up front from the image count, so every worker agrees on every shard.
+
+The plan is always the recipe's whole plan. A partial build (``--limit N``) makes its first N rows:
+the shards before N whole and the shard N falls in cut short at N, under its full-plan file name;
+a later build completes that shard by keeping its rows and generating only the rest.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,16 @@ class ShardPlan:
 
     def shards(self) -> list[ShardSpec]:
         return [self.shard(i) for i in range(self.num_shards)]
+
+    def prefix(self, limit: Optional[int] = None) -> list[ShardSpec]:
+        """The shards holding rows ``0 .. limit-1`` (all shards for None), the last one cut at ``limit``."""
+        if limit is None or limit >= self.total:
+            return self.shards()
+        if limit <= 0:
+            raise ValueError("a prefix needs a positive row count")
+        specs = [self.shard(i) for i in range(-(-limit // self.per_shard))]
+        specs[-1] = replace(specs[-1], stop=min(specs[-1].stop, limit))
+        return specs
 
     def to_dict(self) -> dict:
         return {"total": self.total, "per_shard": self.per_shard, "split": self.split, "num_shards": self.num_shards}

@@ -149,6 +149,7 @@ class ImageGenerator:
         self.latent_path = hasattr(self.pipe, "encode_prompt") and loaded.pipeline_class == "StableDiffusionPipeline"
         self.embeddings = PromptEmbeddings(self.pipe, loaded.device, cfg.prompt_cache)
         self.decoder = LatentDecoder(self.pipe, loaded.device, cfg.vae_decode_chunk)
+        self._truncation_noted = False
 
     # ---------------------------------------------------------------------------------------- core
     def _generators(self, seeds: Sequence[int]) -> list:
@@ -193,20 +194,47 @@ class ImageGenerator:
         return to_uint8(images), reasons
 
     def _call_quietly(self, kwargs: dict[str, Any]):
-        """Call the pipeline with diffusers' per-batch warnings muted.
+        """Call the pipeline with diffusers' and transformers' per-batch warnings muted.
 
         Long prompts (e.g. "c, d_c" with a WordNet definition) exceed CLIP's 77 tokens; diffusers
-        warns about it on every batch, which buries the progress bar. The truncation is documented
-        in the dataset card instead.
+        warns about it on every batch and transformers' tokenizer about "indexing errors", which
+        buries the progress bar. The truncation is expected and documented in the dataset card;
+        :meth:`_note_truncation` says so once, in our words.
         """
         import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
 
-        level = dlog.get_verbosity()
+        self._note_truncation(kwargs["prompt"])
+        levels = dlog.get_verbosity(), tlog.get_verbosity()
         dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
         try:
             return self.pipe(**kwargs)
         finally:
-            dlog.set_verbosity(level)
+            dlog.set_verbosity(levels[0])
+            tlog.set_verbosity(levels[1])
+
+    def _note_truncation(self, prompts: Sequence[str]) -> None:
+        """Log once per generator that some prompts exceed the text encoder's context."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        limit = getattr(tokenizer, "model_max_length", None)
+        if self._truncation_noted or tokenizer is None or not isinstance(limit, int) or limit > 100_000:
+            return
+        import transformers.utils.logging as tlog
+
+        level = tlog.get_verbosity()
+        tlog.set_verbosity_error()
+        try:
+            longest = max(len(ids) for ids in tokenizer(list(prompts))["input_ids"])
+        finally:
+            tlog.set_verbosity(level)
+        if longest > limit:
+            self._truncation_noted = True
+            logger.warning(
+                "note: some prompts are longer than the text encoder's %d tokens (up to %d here); the "
+                "pipeline truncates them, as the dataset card says, and the prompt column keeps the full text",
+                limit, longest,
+            )
 
     def _finish(self, array: np.ndarray) -> Image.Image:
         return resize_to_stored(to_pil(array), self.output)

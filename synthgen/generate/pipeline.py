@@ -48,6 +48,12 @@ SCHEDULER_CLASSES: dict[str, str] = {
 }
 
 _TRUTHY = {"1", "true", "yes", "on"}
+#: set to 1 to let a model without safetensors weights load its pickle (.bin) files
+ALLOW_PICKLE_ENV = "SYNTHGEN_ALLOW_PICKLE_WEIGHTS"
+
+
+def pickle_weights_allowed() -> bool:
+    return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in _TRUTHY
 
 
 def _dtype_kwarg() -> str:
@@ -212,11 +218,13 @@ def _looks_like_path(model: str) -> bool:
 
 
 def local_fingerprint(path: Path) -> str:
-    """Content fingerprint of a local model folder, cached by (file, size, mtime) in the cache dir."""
-    from synthgen.generate.tiny import cached_fingerprint, model_fingerprint
+    """Content fingerprint of a local model folder, cached by (file, size, mtime) in the cache dir.
 
-    if (path / "synthgen_fingerprint.txt").is_file():
-        return cached_fingerprint(path)
+    Never read from a fingerprint file inside the folder (a copy of a builtin model carries one):
+    weights edited after it was written would keep the old fingerprint and mix two models.
+    """
+    from synthgen.generate.tiny import model_fingerprint
+
     stat_key = hashlib.sha256()
     for p in sorted(path.rglob("*")):
         if p.is_file():
@@ -300,7 +308,10 @@ def _download_hub(model: str, revision: Optional[str]) -> tuple[Path, str]:
     level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)
     try:
-        folder = DiffusionPipeline.download(model, revision=revision, local_files_only=hub_offline() or None)
+        folder = DiffusionPipeline.download(
+            model, revision=revision, local_files_only=hub_offline() or None,
+            use_safetensors=None if pickle_weights_allowed() else True,
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise _hub_error(model, revision, exc) from None
     except Exception as exc:  # huggingface_hub / httpx errors that are not OSErrors
@@ -375,9 +386,17 @@ def load_pipeline(cfg: GeneratorConfig) -> LoadedPipeline:
     folder, revision = resolve_model(cfg)
     try:
         with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
+            # safetensors only: pickle (.bin) weights can run code when loaded (opt in: ALLOW_PICKLE_ENV)
+            pipe = DiffusionPipeline.from_pretrained(
+                folder, use_safetensors=None if pickle_weights_allowed() else True, **{_dtype_kwarg(): dtype}
+            )
     except (OSError, ValueError, TypeError, AttributeError, ImportError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "safetensors" in first.lower() and not pickle_weights_allowed():
+            raise SynthgenError(
+                f"model {cfg.model!r} has no safetensors weights; its pickle (.bin) weights could run code "
+                f"when loaded. If you trust them, set {ALLOW_PICKLE_ENV}=1"
+            ) from None
         raise SynthgenError(f"cannot load model {cfg.model!r} from {folder}: {first[:300]}") from None
     if not hasattr(pipe, "scheduler") or not hasattr(pipe, "unet"):
         raise SynthgenError(f"model {cfg.model!r} is a {type(pipe).__name__}, not a text-to-image UNet pipeline")
