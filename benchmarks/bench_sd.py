@@ -264,14 +264,14 @@ def breakdown(engine: "Engine", batch: int, steps: int, device: str, offset: int
             return out
         return wrapped
 
-    originals = gen.embeddings._encode, gen._call_quietly, gen.decoder
+    originals = gen.embeddings._encode, gen._denoise, gen.decoder
     gen.embeddings._encode = timing(originals[0], "text_encoder_s")
-    gen._call_quietly = timing(originals[1], "denoise_s")
+    gen._denoise = timing(originals[1], "denoise_s")
     gen.decoder = timing(originals[2], "vae_decode_s")
     try:
         total = timed(lambda: engine(batch, steps, offset), device)
     finally:
-        gen.embeddings._encode, gen._call_quietly, gen.decoder = originals
+        gen.embeddings._encode, gen._denoise, gen.decoder = originals
     phases["host_s"] = total - sum(phases.values())  # generators, uint8 transfer, checks, PIL
     return {"batch": batch, "steps": steps, "total_s": round(total, 3), **{k: round(v, 3) for k, v in phases.items()}}
 

@@ -31,6 +31,7 @@ CPU in float32 this gives the same pixels as the pipeline's own ``output_type="n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -170,17 +171,19 @@ class ImageGenerator:
             num_images_per_prompt=1,
             generator=self._generators(seeds),
         )
-        if self.latent_path:
-            kwargs["prompt_embeds"] = self.embeddings(prompts)
-            kwargs["negative_prompt_embeds"] = self.embeddings([cfg.negative_prompt or ""] * len(prompts))
-            kwargs["output_type"] = "latent"
-        else:
-            kwargs["prompt"] = list(prompts)
-            if cfg.negative_prompt is not None:
-                kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
-            kwargs["output_type"] = "pt"
-        reset_step_cache(self.pipe.unet)
-        out = self._call_quietly(kwargs)
+        self._note_truncation(prompts)
+        with self._quiet():
+            if self.latent_path:
+                kwargs["prompt_embeds"] = self.embeddings(prompts)
+                kwargs["negative_prompt_embeds"] = self.embeddings([cfg.negative_prompt or ""] * len(prompts))
+                kwargs["output_type"] = "latent"
+            else:
+                kwargs["prompt"] = list(prompts)
+                if cfg.negative_prompt is not None:
+                    kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
+                kwargs["output_type"] = "pt"
+            reset_step_cache(self.pipe.unet)
+            out = self._denoise(kwargs)
         images = out.images if hasattr(out, "images") else out[0]
         if self.latent_path:
             images, nsfw = self.decoder(images)
@@ -193,8 +196,14 @@ class ImageGenerator:
         reasons = [_reason(f, m, n) for f, m, n in zip(finite, largest, flags)]
         return to_uint8(images), reasons
 
-    def _call_quietly(self, kwargs: dict[str, Any]):
-        """Call the pipeline with diffusers' and transformers' per-batch warnings muted.
+    def _denoise(self, kwargs: dict[str, Any]):
+        """The pipeline call itself (the benchmark times it separately from encoding and decoding)."""
+        return self.pipe(**kwargs)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _quiet():
+        """Mute diffusers' and transformers' per-batch warnings meanwhile.
 
         Long prompts (e.g. "c, d_c" with a WordNet definition) exceed CLIP's 77 tokens; diffusers
         warns about it on every batch and transformers' tokenizer about "indexing errors", which
@@ -204,12 +213,11 @@ class ImageGenerator:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
 
-        self._note_truncation(kwargs["prompt"])
         levels = dlog.get_verbosity(), tlog.get_verbosity()
         dlog.set_verbosity_error()
         tlog.set_verbosity_error()
         try:
-            return self.pipe(**kwargs)
+            yield
         finally:
             dlog.set_verbosity(levels[0])
             tlog.set_verbosity(levels[1])
