@@ -510,3 +510,28 @@ def test_backoff_honours_retry_after_and_only_retries_transient_errors():
     with pytest.raises(HfHubHTTPError):
         with_retries(lambda: (_ for _ in ()).throw(error(400)), backoff, "test", sleep=slept.append)
     assert slept == [2.0, 2.0]  # a client error is not retried
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. the trainer records the commit of every Hub dataset it reads
+# --------------------------------------------------------------------------------------------------
+CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real CIFAR-10 folder not found at {CIFAR}")
+def test_cas_on_a_hub_revision_records_its_commit(fake_hub, v1, v2, tmp_path, capsys):
+    """`synthgen cas org/name --revision v1.0.0` reads that version (not the newer one on main) and
+    records the commit the tag resolved to."""
+    sha_v1 = fake_hub.put_folder("org/demo", v1, tag="v1.0.0")
+    sha_v2 = fake_hub.put_folder("org/demo", v2, tag="v1.1.0")
+    assert sha_v1 != sha_v2
+    out = tmp_path / "cas.json"
+    small = ["model=resnet20", "epochs=1", "batch_size=64", "real_fit=300", "real_val=100", "limit_real_test=200"]
+    code, _, err = cli(capsys, "cas", "org/demo", "--revision", "v1.0.0", "--real", CIFAR,
+                       *[a for kv in small for a in ("--set", kv)], "--threads", "1", "-q", "-o", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    synthetic = result["synthetic"]
+    assert synthetic["id"] == "org/demo" and synthetic["revision"] == "v1.0.0"
+    assert synthetic["sha"] == sha_v1
+    assert [r["n_images"] for r in result["runs"]] == [40]  # v1.0.0's rows, not v1.1.0's 60
