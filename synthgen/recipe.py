@@ -101,8 +101,37 @@ class CombinatorialPrompts(_Strict):
     label_axis: Optional[str] = "category"
 
 
+class ClassPrompts(_Strict):
+    """Class ids for a class-conditioned pipeline (Lomurno et al.): no text prompt, one class per image."""
+
+    kind: Literal["classes"] = "classes"
+    # Class names in class-id order: a list, a class table shipped in prompts/ (``cifar10``) or a
+    # class-table TSV; null: the class names of ``dataset`` (its ClassLabel column).
+    classes: Union[list[str], str, None] = None
+    # balanced: equal counts per class (the first count % classes get one more); dataset: in
+    # proportion to the labels of ``dataset`` (largest remainders). Classes are interleaved, so every
+    # prefix of the dataset (a CAS scale, a --limit build) keeps the planned proportions.
+    distribution: Literal["balanced", "dataset"] = "balanced"
+    dataset: Optional[str] = None  # a labelled dataset: a local folder or parquet file, or a Hub id
+    split: str = "train"
+    revision: Optional[str] = None  # for Hub datasets
+    label_column: Optional[str] = None  # default: the first ClassLabel column, else label/labels
+
+    @field_validator("classes")
+    @classmethod
+    def _names(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("needs at least one class name")
+            if len(set(value)) != len(value):
+                raise ValueError("class names must be unique")
+            if any(not str(v).strip() for v in value):
+                raise ValueError("class names must not be empty")
+        return value
+
+
 PromptsConfig = Annotated[
-    Union[WordNetPrompts, CaptionPrompts, CombinatorialPrompts], Field(discriminator="kind")
+    Union[WordNetPrompts, CaptionPrompts, CombinatorialPrompts, ClassPrompts], Field(discriminator="kind")
 ]
 
 
@@ -346,12 +375,17 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
 
 
+_PROMPT_KINDS = {"wordnet", "captions", "combinatorial", "classes"}  # PromptsConfig's discriminator tags
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line naming the key of each problem: ``generator.steps: must be >= 1 (got -3)``."""
     parts = []
     for err in exc.errors():
         # Drop the discriminator tag pydantic puts in the path (prompts.wordnet.classes -> prompts.classes)
-        loc = [str(p) for p in err["loc"] if p not in {"wordnet", "captions", "combinatorial"}]
+        loc = [str(p) for p in err["loc"]]
+        if loc[:1] == ["prompts"] and len(loc) > 1 and loc[1] in _PROMPT_KINDS:
+            del loc[1]
         key = ".".join(loc) or "recipe"
         kind = err["type"]
         if kind == "extra_forbidden":

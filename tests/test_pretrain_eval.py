@@ -39,6 +39,10 @@ def test_every_bundled_training_recipe_validates():
             from synthgen.train.cas import load_cas_protocol
 
             cfg = load_cas_protocol(name)[0]
+        elif data.get("kind") == "classcond":  # tested in test_classcond_*.py
+            from synthgen.classcond.recipe import load_classcond_recipe
+
+            cfg = load_classcond_recipe(name)
         else:
             cfg = load_pretrain_config(name) if "objective" in data else load_eval_config(name)
         assert cfg.name == name

@@ -71,6 +71,7 @@ def _register() -> None:
     from synthgen.cli import dataset_cmds  # noqa: F401
     from synthgen.cli import hub_cmds  # noqa: F401
     from synthgen.cli import pretrain_cmds, train_cmds  # noqa: F401
+    from synthgen.cli import classcond_cmds  # noqa: F401
 
     # Every sub-app gets the root's help style, whoever added it.
     pending = [app]

@@ -689,4 +689,4 @@ def regenerate_row(folder: str | Path, index: int, loaded_pipeline: Any = None, 
             f"was made with {stored.get('model_revision')} ({stored.get('dtype')}): its pixels cannot be reproduced"
         )
     generator = ImageGenerator(loaded, recipe.generator, recipe.output, recipe.seed)
-    return generator.generate_one(row["prompt"], row["seed"])
+    return generator.regenerate_row(row)

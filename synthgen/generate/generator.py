@@ -135,7 +135,18 @@ def resize_to_stored(image: Image.Image, output: OutputConfig) -> Image.Image:
 
 
 class ImageGenerator:
-    """Generates the images of prompt records with a loaded pipeline and a recipe's settings."""
+    """Generates the images of prompt records with a loaded pipeline and a recipe's settings.
+
+    A class-conditioned pipeline gets :class:`~synthgen.generate.classcond.ClassConditionedGenerator`
+    (class ids instead of prompts): ``ImageGenerator(loaded, ...)`` picks it from the pipeline's class.
+    """
+
+    def __new__(cls, loaded: LoadedPipeline, *args: Any, **kwargs: Any):
+        if cls is ImageGenerator and loaded.pipeline_class == "ClassConditionedPipeline":
+            from synthgen.generate.classcond import ClassConditionedGenerator
+
+            cls = ClassConditionedGenerator
+        return super().__new__(cls)
 
     def __init__(
         self, loaded: LoadedPipeline, cfg: GeneratorConfig, output: OutputConfig, recipe_seed: int
@@ -247,15 +258,22 @@ class ImageGenerator:
     def _finish(self, array: np.ndarray) -> Image.Image:
         return resize_to_stored(to_pil(array), self.output)
 
+    def condition_of(self, record: PromptRecord) -> Any:
+        """What the pipeline is called with for ``record``: its text prompt."""
+        if record.prompt is None:
+            raise SynthgenError(
+                f"image {record.index} has no text prompt (class-conditioned records need a class-conditioned pipeline)"
+            )
+        return record.prompt
+
+    def describe(self, record: PromptRecord) -> str:
+        return f"prompt {record.prompt!r}"
+
     # ---------------------------------------------------------------------------------------- API
     def generate(self, records: Sequence[PromptRecord]) -> list[GeneratedImage]:
         """Images for ``records`` (same order), in chunks of ``cfg.batch_size``, retrying rejects."""
         for rec in records:
-            if rec.prompt is None:
-                raise SynthgenError(
-                    f"image {rec.index} has no text prompt (class-conditioned records need a "
-                    "class-conditioned generator)"
-                )
+            self.condition_of(rec)  # every record can be generated, before any is
         results: list[GeneratedImage] = []
         bs = self.cfg.batch_size
         for start in range(0, len(records), bs):
@@ -269,7 +287,7 @@ class ImageGenerator:
         attempt = 0
         while pending:
             seeds = [image_seed(self.recipe_seed, records[p].index, attempt) for p in pending]
-            arrays, rejections = self.run_pipeline([records[p].prompt for p in pending], seeds)
+            arrays, rejections = self.run_pipeline([self.condition_of(records[p]) for p in pending], seeds)
             self.stats.attempts += len(pending)
             still = []
             for p, seed, array, reason in zip(pending, seeds, arrays, rejections):
@@ -294,7 +312,7 @@ class ImageGenerator:
                 raise SynthgenError(
                     f"image {worst.index}{more} still rejected after {attempt + 1} attempt(s) "
                     f"(generator.max_retries={self.cfg.max_retries}): {reasons[still[0]][-1].split(': ', 1)[1]}; "
-                    f"prompt {worst.prompt!r}"
+                    f"{self.describe(worst)}"
                 )
             pending = still
             attempt += 1
@@ -315,6 +333,10 @@ class ImageGenerator:
         return self._finish(arrays[0])
 
     regenerate = generate_one
+
+    def regenerate_row(self, row: dict) -> Image.Image:
+        """A dataset row's pixels again, from what the row recorded (its prompt and seed)."""
+        return self.generate_one(row["prompt"], row["seed"])
 
     def counters(self) -> dict[str, Any]:
         """Retry/rejection counters for the build manifest."""

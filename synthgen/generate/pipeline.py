@@ -88,10 +88,12 @@ class LoadedPipeline:
     step_cache_interval: int = 1
     vae_decode_chunk: Any = "auto"
     prompt_cache: int = 0
+    # a class-conditioned pipeline's classes and checkpoint epochs (generate/classcond.py); {} otherwise
+    conditioning: dict[str, Any] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, Any]:
         """Plain data for the build manifest."""
-        return {
+        record = {
             "model": self.model,
             "model_revision": self.model_revision,
             "pipeline_class": self.pipeline_class,
@@ -110,6 +112,9 @@ class LoadedPipeline:
             "classifier_free_guidance": "batched (one UNet call per step)",
             "versions": dict(self.versions),
         }
+        if self.conditioning:
+            record["class_conditioning"] = dict(self.conditioning)
+        return record
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,6 +389,10 @@ def load_pipeline(cfg: GeneratorConfig) -> LoadedPipeline:
     if dtype == torch.float16 and device == "cpu":
         warnings.warn("float16 on CPU is slow and often unsupported; consider dtype: float32", stacklevel=2)
     folder, revision = resolve_model(cfg)
+    from synthgen.generate.classcond import is_class_conditioned, load_class_conditioned
+
+    if is_class_conditioned(folder):  # synthgen's own pipeline class: loaded by class, never by remote code
+        return prepare_pipeline(load_class_conditioned(folder, cfg.model, dtype), cfg, revision=revision)
     try:
         with quiet_loading():
             # safetensors only: pickle (.bin) weights can run code when loaded (opt in: ALLOW_PICKLE_ENV)
@@ -410,6 +419,7 @@ def prepare_pipeline(pipe: Any, cfg: GeneratorConfig, *, revision: str, model: O
     ``revision`` is what provenance records as the model's revision; ``model`` defaults to ``cfg.model``.
     """
     from synthgen.generate.accel import apply_speedups
+    from synthgen.generate.classcond import conditioning_record
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -438,6 +448,7 @@ def prepare_pipeline(pipe: Any, cfg: GeneratorConfig, *, revision: str, model: O
         step_cache_interval=speed.step_cache_interval,
         vae_decode_chunk=cfg.vae_decode_chunk,
         prompt_cache=cfg.prompt_cache,
+        conditioning=conditioning_record(pipe),
     )
 
 

@@ -1,4 +1,5 @@
-"""Prompt samplers: WordNet (ImageNet-SD), captions (StableRep) and combinatorial (Mormille & Atsumi).
+"""Prompt samplers: WordNet (ImageNet-SD), captions (StableRep), combinatorial (Mormille & Atsumi) and
+class ids for a class-conditioned pipeline (Lomurno et al.).
 
 Every sampler is built as ``Sampler(config, count, seed)`` and is a fixed indexable sequence of
 :class:`~synthgen.prompts.base.PromptRecord` (see :mod:`synthgen.prompts.base`).
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from synthgen.prompts.base import PromptRecord, PromptSampler, check_index, stable_uint64
 from synthgen.prompts.captions import CaptionSampler
+from synthgen.prompts.classes import ClassSampler
 from synthgen.prompts.combinatorial import CombinatorialSampler, KeyedPermutation
 from synthgen.prompts.tables import ClassInfo, build_class_table, read_class_table, write_class_table
 from synthgen.prompts.wordnet import WordNetSampler
@@ -21,6 +23,7 @@ SAMPLERS = {
     "wordnet": WordNetSampler,
     "captions": CaptionSampler,
     "combinatorial": CombinatorialSampler,
+    "classes": ClassSampler,
 }
 
 
@@ -33,12 +36,17 @@ def build_sampler(recipe: "Recipe") -> PromptSampler:
         from synthgen.errors import RecipeError
 
         raise RecipeError(f"prompts.kind: unknown sampler {config.kind!r}; choose one of {', '.join(SAMPLERS)}") from None
-    return cls(config, recipe.count, recipe.seed)
+    sampler = cls(config, recipe.count, recipe.seed)
+    check = getattr(sampler, "check_generator", None)  # a sampler that needs a kind of model says so now
+    if check is not None:
+        check(recipe.generator)
+    return sampler
 
 
 __all__ = [
     "SAMPLERS",
     "CaptionSampler",
+    "ClassSampler",
     "ClassInfo",
     "CombinatorialSampler",
     "KeyedPermutation",

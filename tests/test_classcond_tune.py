@@ -1,0 +1,211 @@
+"""Stages 2 and 4 (Optuna) on the real tiny pipeline, real CIFAR-10 images and real on-disk storage.
+
+A stage-1 run of the tiny recipe (200 CIFAR-10 images at 32 px, 2 encoder epochs) is tuned with
+40-image trials and the 0.27M ResNet-20 validated on 100 real held-out training images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from synthgen.errors import SynthgenError
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
+pytestmark = [
+    pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real CIFAR-10 not found at {CIFAR}"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
+# The tiny recipe's classifier runs 3 epochs; a reduction factor of 4 makes Hyperband one bracket
+# with one rung, at epoch 1.
+TINY = [f"dataset.source={CIFAR}", "tuning.pruner.reduction_factor=4"]
+# A rung at epoch 4 of 3: nothing is ever pruned.
+NO_PRUNING = ["tuning.pruner.min_resource=4", "tuning.pruner.max_resource=4"]
+
+
+def recipe(*overrides):
+    from synthgen.classcond.recipe import load_classcond_recipe
+
+    return load_classcond_recipe("classcond-tiny", [*TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, tiny_pipeline_path):
+    from synthgen.classcond.run import train_stage
+
+    run_dir = tmp_path_factory.mktemp("tune") / "run"
+    train_stage(run_dir, recipe(), device="cpu")
+    return run_dir
+
+
+def fresh_run(stage1, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage1, run_dir)
+    return run_dir
+
+
+class TestSplit:
+    """A real test split no tuning code may touch: any attribute read fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"tuning read the real test split ({name})")
+
+
+@pytest.fixture
+def test_split_tripwire(monkeypatch):
+    """Every dataset load synthgen makes goes through _load_hf_split: asking it for a test split fails."""
+    import synthgen.train.data as data
+
+    real = data._load_hf_split
+
+    def guarded(source, split, revision):
+        assert split != "test", f"tuning asked for the test split of {source}"
+        return real(source, split, revision)
+
+    monkeypatch.setattr(data, "_load_hf_split", guarded)
+
+
+def sh_prunes(values_before: list[float], value: float, bootstrap: int, eta: int) -> bool:
+    """Optuna's successive-halving rule at a rung, for a maximised objective."""
+    competing = sorted([*values_before, value])
+    if len(competing) <= bootstrap:
+        return True
+    k = max(len(competing) // eta - 1, 0)
+    return value < competing[-(k + 1)]
+
+
+def test_pruning_must_happen_and_the_test_split_is_never_read(stage1, tmp_path, test_split_tripwire):
+    import optuna
+
+    from synthgen.classcond.tune import tune_stage
+    from synthgen.train.data import load_image_dataset
+
+    run_dir = fresh_run(stage1, tmp_path)
+    train = load_image_dataset(str(CIFAR), "train", limit=200, require_labels=True)
+    # bootstrap_count 1: the first trial to reach the rung is pruned there, whatever it scores
+    r = recipe("tuning.pruner.bootstrap_count=1")
+    seen = []
+    result = tune_stage(run_dir, r, "encoder", real=(train, TestSplit()), trials=4, device="cpu", on_trial=seen.append)
+    assert result.finished == 4 and result.ran == 4 and len(seen) == 4
+
+    study = optuna.load_study(study_name="classcond-encoder", storage=f"sqlite:///{run_dir}/tune-encoder/study.db")
+    trials = study.get_trials()
+    assert trials[0].params == {"steps": 6, "guidance": 2.0, "encoder_epoch": 2}  # the enqueued defaults
+    assert trials[0].state.name == "PRUNED" and list(trials[0].intermediate_values) == [1]
+    assert trials[0].user_attrs["epochs_run"] == 1  # the classifier stopped: 1 epoch of 3
+    for i, t in enumerate(trials):  # every decision is successive halving on the reported accuracies
+        before = [u.intermediate_values[1] for u in trials[:i]]
+        assert (t.state.name == "PRUNED") == sh_prunes(before, t.intermediate_values[1], bootstrap=1, eta=4), i
+        if t.state.name == "COMPLETE":
+            assert sorted(t.intermediate_values) == [1, 2, 3] and t.value == max(t.intermediate_values.values())
+            assert t.user_attrs["epochs_run"] == 3
+    assert result.pruned == sum(t.state.name == "PRUNED" for t in trials) >= 1
+
+    folder = run_dir / "tune-encoder"
+    history = json.loads((folder / "history.json").read_text())
+    assert [row["state"] for row in history["trials"]] == [t.state.name for t in trials]
+    assert history["trials"][0]["pruned_at"] == 1
+    importances = json.loads((folder / "importances.json").read_text())
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert importances["trials"] == len(complete) and importances["importances"] is None  # too few to say
+    assert "too few finished trials" in importances["reason"]
+    assert (folder / "history.png").stat().st_size > 1000 and (folder / "importances.png").stat().st_size > 1000
+    if complete:
+        best = json.loads((folder / "best.json").read_text())
+        winner = max(complete, key=lambda t: t.value)
+        assert best["params"] == winner.params and best["value"] == winner.value and best["trial"] == winner.number
+    else:
+        assert not (folder / "best.json").exists()
+
+
+def test_study_folder_of_another_recipe_is_refused_and_left_alone(stage1, tmp_path):
+    from synthgen.classcond.tune import tune_stage
+
+    run_dir = fresh_run(stage1, tmp_path)
+    tune_stage(run_dir, recipe(), "encoder", trials=1, device="cpu")
+    folder = run_dir / "tune-encoder"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    with pytest.raises(SynthgenError, match=r"holds a study for another recipe \(images: 40, not 41\)") as err:
+        tune_stage(run_dir, recipe("tuning.images=41"), "encoder", trials=1, device="cpu")
+    assert "\n" not in str(err.value)
+    with pytest.raises(SynthgenError, match=r"another recipe \(storage: sqlite, not journal\)"):
+        tune_stage(run_dir, recipe("tuning.storage=journal"), "encoder", trials=1, device="cpu")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    # more trials of the same recipe extend the study; another process on a SQLite study is refused
+    from synthgen.classcond.study import StudyFolder
+
+    with StudyFolder(folder, "sqlite").exclusive():
+        with pytest.raises(SynthgenError, match="being tuned by another process"):
+            tune_stage(run_dir, recipe(), "encoder", trials=2, device="cpu")
+    assert tune_stage(run_dir, recipe(), "encoder", trials=2, device="cpu").ran == 1
+
+
+KILLED = """
+import sys, time, torch
+torch.set_num_threads(1)
+from synthgen.classcond.recipe import load_classcond_recipe
+from synthgen.classcond.tune import tune_stage
+from synthgen.train.callbacks import LambdaCallback
+recipe = load_classcond_recipe("classcond-tiny", {overrides!r})
+
+def hang(trial):
+    def stop_here(epoch, metrics):
+        if trial.number == 1 and epoch == 2:  # trial 1 has reported epochs 1 and 2
+            open(sys.argv[2], "w").close()
+            time.sleep(600)
+    return [LambdaCallback(stop_here)]
+
+tune_stage(sys.argv[1], recipe, "encoder", trials=3, device="cpu", trial_callbacks=hang)
+"""
+
+
+def test_kill_9_mid_trial_then_resume_keeps_finished_trials_and_retries_the_killed_one(stage1, tmp_path):
+    import optuna
+
+    from synthgen.classcond.tune import tune_stage
+
+    run_dir, marker = fresh_run(stage1, tmp_path), tmp_path / "killed-here"
+    overrides = [*TINY, *NO_PRUNING, "tuning.storage=journal"]  # the storage for several processes
+    script = tmp_path / "tune.py"
+    script.write_text(textwrap.dedent(KILLED.format(overrides=overrides)))
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), str(marker)], stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "tuning never reached trial 1"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def load():
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        storage = JournalStorage(JournalFileBackend(str(run_dir / "tune-encoder" / "study.journal")))
+        return optuna.load_study(study_name="classcond-encoder", storage=storage).get_trials()
+
+    killed = load()
+    assert [t.state.name for t in killed] == ["COMPLETE", "RUNNING"]
+    assert sorted(killed[1].intermediate_values) == [1, 2]
+
+    from synthgen.classcond.recipe import load_classcond_recipe
+
+    result = tune_stage(run_dir, load_classcond_recipe("classcond-tiny", overrides), "encoder", trials=3, device="cpu")
+    assert result.retried == [1] and result.finished == 3 and result.ran == 2
+    trials = load()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[0].value == killed[0].value and trials[0].params == killed[0].params  # kept, not rerun
+    retry = trials[2]
+    assert retry.system_attrs["failed_trial"] == 1 and retry.params == killed[1].params
+    assert sorted(retry.intermediate_values) == [1, 2, 3]  # run again from the start
+    assert retry.user_attrs["worker"] != killed[1].user_attrs["worker"]
+    assert not list((run_dir / "tune-encoder" / ".workers").iterdir())  # no worker left registered
