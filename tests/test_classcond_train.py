@@ -268,7 +268,9 @@ torch.set_num_threads(1)
 from synthgen.classcond import train_class_encoder
 result = train_class_encoder(sys.argv[1], "builtin:tiny-sd", {cifar!r}, split="train", limit=64,
                              config=dict(resolution=32, epochs=1, batch_size=32, lr=1e-2, cpu=True))
-print("RESULT", json.dumps([result.num_processes, result.losses]), flush=True)
+# one write per line: two ranks share the pipe, and separate writes of one print may interleave
+sys.stdout.write("RESULT " + json.dumps([result.num_processes, result.losses]) + "\\n")
+sys.stdout.flush()
 """
 
 

@@ -209,3 +209,50 @@ def test_kill_9_mid_trial_then_resume_keeps_finished_trials_and_retries_the_kill
     assert sorted(retry.intermediate_values) == [1, 2, 3]  # run again from the start
     assert retry.user_attrs["worker"] != killed[1].user_attrs["worker"]
     assert not list((run_dir / "tune-encoder" / ".workers").iterdir())  # no worker left registered
+
+
+TOGETHER = """
+import pathlib, sys, time, torch
+torch.set_num_threads(1)
+from synthgen.classcond.recipe import load_classcond_recipe
+from synthgen.classcond.tune import tune_stage
+from synthgen.train.callbacks import LambdaCallback
+recipe = load_classcond_recipe("classcond-tiny", {overrides!r})
+me, other = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+
+def meet(trial):  # each process's first trial waits until the other is in a trial too
+    def wait(epoch, metrics):
+        me.touch()
+        deadline = time.time() + 120
+        while not other.exists() and time.time() < deadline:
+            time.sleep(0.05)
+    return [LambdaCallback(wait)]
+
+result = tune_stage(sys.argv[1], recipe, "encoder", trials=4, device="cpu", trial_callbacks=meet)
+print("RAN", result.ran, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_tune_one_journal_study(stage1, tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    run_dir = fresh_run(stage1, tmp_path)
+    overrides = [*TINY, *NO_PRUNING, "tuning.storage=journal"]
+    script = tmp_path / "together.py"
+    script.write_text(textwrap.dedent(TOGETHER.format(overrides=overrides)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs = [subprocess.Popen([sys.executable, str(script), str(run_dir), str(x), str(y)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for x, y in ((a, b), (b, a))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    ran = [int(o[0].split("RAN", 1)[1]) for o in outs]
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "tune-encoder" / "study.journal")))
+    trials = optuna.load_study(study_name="classcond-encoder", storage=storage).get_trials()
+    assert all(r >= 1 for r in ran) and sum(ran) == len(trials)
+    assert 4 <= len(trials) <= 5  # both may start a trial when 3 are finished and none is running
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    assert [t.number for t in trials if "fixed_params" in t.system_attrs] == [0]  # the defaults, enqueued once
+    assert json.loads((run_dir / "tune-encoder" / "best.json").read_text())["finished"] >= 4

@@ -111,9 +111,8 @@ class ClassConditionedGenerator(ImageGenerator):
         if len(class_ids) != len(seeds):
             raise ValueError("one seed per class id")
         cfg = self.cfg
-        reset_step_cache(self.pipe.unet)
-        out = self.pipe(
-            list(class_ids),
+        kwargs: dict[str, Any] = dict(
+            class_ids=list(class_ids),
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale,
             height=cfg.height,
@@ -121,6 +120,9 @@ class ClassConditionedGenerator(ImageGenerator):
             generator=self._generators(seeds),
             output_type="latent",
         )
+        with self._quiet():
+            reset_step_cache(self.pipe.unet)
+            out = self._denoise(kwargs)
         images, _ = self.decoder(out.images)
         finite, largest = rejection_stats(images)
         reasons = [_reason(f, m, False) for f, m in zip(finite, largest)]
