@@ -150,6 +150,24 @@ def test_study_folder_of_another_recipe_is_refused_and_left_alone(stage1, tmp_pa
     assert tune_stage(run_dir, recipe(), "encoder", trials=2, device="cpu").ran == 1
 
 
+def test_a_trial_stopped_by_ctrl_c_is_retried_on_the_next_start(stage1, tmp_path):
+    from synthgen.classcond.tune import tune_stage
+    from synthgen.train.callbacks import LambdaCallback
+
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
+    run_dir = fresh_run(stage1, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tune_stage(run_dir, recipe(*NO_PRUNING), "encoder", trials=1, device="cpu",
+                   trial_callbacks=lambda trial: [LambdaCallback(interrupt)])
+    result = tune_stage(run_dir, recipe(*NO_PRUNING), "encoder", trials=1, device="cpu")
+    assert result.retried == [0] and result.finished == 1 and result.ran == 1
+    best = json.loads((run_dir / "tune-encoder" / "best.json").read_text())
+    assert best["trial"] == 1 and best["params"] == {"steps": 6, "guidance": 2.0, "encoder_epoch": 2}  # the defaults again
+    assert tune_stage(run_dir, recipe(*NO_PRUNING), "encoder", trials=1, device="cpu").retried == []  # retried once only
+
+
 KILLED = """
 import sys, time, torch
 torch.set_num_threads(1)

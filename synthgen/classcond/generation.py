@@ -38,9 +38,12 @@ def final_dataset_recipe(recipe, *, pipeline_dir: Path, steps: int, guidance: fl
     pipeline, steps and guidance, ``count`` images in the final class distribution."""
     from synthgen.recipe import recipe_from_dict
 
+    from synthgen.train.config import resolve_source
+
     template = generation_template(recipe)
     data = template.resolved()
     d = recipe.dataset
+    source = resolve_source(d.source, "dataset.source")  # a local path made absolute
     data.update(
         name=f"{recipe.name}-tuned",
         description=(f"Class-conditioned Stable Diffusion tuned for CAS by `synthgen classcond run` "
@@ -48,7 +51,7 @@ def final_dataset_recipe(recipe, *, pipeline_dir: Path, steps: int, guidance: fl
         seed=recipe.final.seed,
         count=count,
         prompts={"kind": "classes", "classes": list(class_names), "distribution": recipe.final.distribution,
-                 "dataset": d.source if recipe.final.distribution == "dataset" else None,
+                 "dataset": source if recipe.final.distribution == "dataset" else None,
                  "split": d.split, "revision": d.revision, "label_column": d.label_column},
     )
     data["generator"].update(model=str(Path(pipeline_dir).resolve()), revision=None, steps=int(steps),

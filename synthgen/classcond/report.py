@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["study_history", "param_importances", "write_study_report", "write_scale_report", "check_importance_evaluator"]
 

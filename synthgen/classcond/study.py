@@ -33,13 +33,13 @@ import os
 import socket
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from synthgen.errors import SynthgenError
 
-__all__ = ["StudyFolder", "Worker", "WORKER_ATTR", "INTERRUPTED_ATTR", "FINISHED", "finished_trials"]
+__all__ = ["StudyFolder", "Worker", "worker_alive", "WORKER_ATTR", "INTERRUPTED_ATTR", "finished_trials"]
 
 STUDY_INFO = "study.json"
 WORKER_ATTR = "worker"
@@ -50,12 +50,10 @@ UNCLAIMED_GRACE_S = 600
 
 
 def finished_trials(study) -> list:
+    """The trials that count toward a study's target: COMPLETE and PRUNED."""
     from optuna.trial import TrialState
 
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-
-
-FINISHED = finished_trials
 
 
 def _first_difference(have: Any, want: Any, prefix: str = "") -> Optional[str]:
@@ -108,8 +106,7 @@ def worker_alive(root: Path, worker_id: str) -> bool:
 @dataclass
 class StudyFolder:
     root: Path
-    storage_kind: str = "sqlite"
-    _lock: Any = field(default=None, repr=False)
+    storage_kind: str = "sqlite"  # "sqlite" or "journal"
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
