@@ -54,50 +54,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from synthgen.generate.sd15 import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG  # noqa: E402
 from synthgen.provenance import environment, write_json  # noqa: E402
 
-# stable-diffusion-v1-5: unet/config.json, vae/config.json, scheduler/scheduler_config.json
-SD15_UNET = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD15_VAE = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-SD15_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
 RESOLUTION = 128  # Lomurno et al.'s training resolution
 NUM_CLASSES = 10
 CIFAR10_IMAGES, PAPER_EPOCHS = 50_000, 50
@@ -125,7 +84,7 @@ def measure_vae_encode(args, device) -> dict:
     from synthgen.classcond.latents import encode_images
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(**SD15_VAE).requires_grad_(False).eval()
+    vae = AutoencoderKL(**VAE_CONFIG).requires_grad_(False).eval()
     images = torch.randint(0, 256, (args.encode_images, 3, 32, 32), dtype=torch.uint8)  # CIFAR-sized, resized to 128
     encode_images(vae, images[: args.encode_batch], RESOLUTION, args.encode_batch, device)  # warm-up
     sync(device)
@@ -154,8 +113,8 @@ def measure_stage1(args, device) -> dict:
     from synthgen.classcond.train_encoder import initial_encoder
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).requires_grad_(False)
-    noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
+    unet = UNet2DConditionModel(**UNET_CONFIG).requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     config = EncoderStageConfig(
         batch_size=args.batch, epochs=1, resolution=RESOLUTION, mixed_precision=args.mixed_precision,
         cpu=device.type == "cpu",
@@ -221,8 +180,8 @@ def measure_flops(args, device) -> dict:
         return float(counter.get_total_flops())
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
-    vae = AutoencoderKL(**SD15_VAE).eval()
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
     side = RESOLUTION // 8
     classifier = create_model("resnet20_w64", NUM_CLASSES, image_size=32).eval()
     return {
@@ -248,9 +207,9 @@ def measure_tuning_trial(args, device) -> dict:
     from synthgen.train.runtime import Runtime
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
     pipe = ClassConditionedPipeline(
-        vae=AutoencoderKL(**SD15_VAE), unet=unet, scheduler=DDIMScheduler.from_config(SD15_SCHEDULER),
+        vae=AutoencoderKL(**VAE_CONFIG), unet=unet, scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
         class_encoder=ClassEncoder.for_unet(unet, NUM_CLASSES), class_names=CIFAR10_NAMES, resolution=RESOLUTION,
     )
     cfg = GeneratorConfig(model="sd15-architecture-random-weights", scheduler="ddim", steps=args.trial_steps,
