@@ -13,7 +13,7 @@ in a fresh subprocess so that its peak RSS is its own:
   images/s of training next to the loader's own rate: the loader must not be the bottleneck.
 
 Usage: python benchmarks/bench_stream.py [--n 50000] [--device cpu|cuda] [--workers 2] [--output F]
-       (GPU: run through benchmarks/device/run.sh). Writes benchmarks/results/stream-<device>.json.
+       (GPU: run through benchmarks/device/run_all.sh, stage stream). Writes benchmarks/results/stream-<device>.json.
 """
 
 from __future__ import annotations
