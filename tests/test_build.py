@@ -195,13 +195,13 @@ def test_kill_9_then_resume(tmp_path, tiny_pipeline_path):
 
 def test_clean_up_spares_temp_files_of_a_shard_another_process_is_writing(tmp_path):
     """Regression: a second worker starting on a shared folder deleted the first one's temp files."""
-    from synthgen.dataset.build import _claim, _prepare_folder, _writer, plan_build
+    from synthgen.dataset.folder import plan_build, prepare_folder
     from synthgen.recipe import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
     build = plan_build(recipe, tmp_path / "ds")
-    writer = _writer(build)
-    _prepare_folder(build, writer)
+    writer = build.writer()
+    prepare_folder(build, writer)
     busy, dead = build.plan.shards()[:2]
     (tmp_path / "ds" / "data").mkdir()
     (tmp_path / "ds" / ".synthgen" / "done").mkdir()
@@ -214,19 +214,19 @@ def test_clean_up_spares_temp_files_of_a_shard_another_process_is_writing(tmp_pa
     for path in busy_files + dead_files:
         path.write_bytes(b"partial")
     # flock locks belong to the open file, so this claim excludes the clean-up's own claim.
-    with _claim(build.folder, busy) as held:
+    with build.store.claim(busy.name) as held:
         assert held
-        _prepare_folder(plan_build(recipe, tmp_path / "ds"), writer)
+        prepare_folder(plan_build(recipe, tmp_path / "ds"), writer)
     assert all(p.exists() for p in busy_files)
     assert not any(p.exists() for p in dead_files)
-    _prepare_folder(plan_build(recipe, tmp_path / "ds"), writer)  # lock released: a dead writer's
+    prepare_folder(plan_build(recipe, tmp_path / "ds"), writer)  # lock released: a dead writer's
     assert not any(p.exists() for p in busy_files)
 
 
 def test_worker_starting_while_another_writes_its_plan(tmp_path):
     """A folder holding only the state directory (a plan being written) is a new build, and the
     plan is re-checked under the folder lock: another recipe's plan appearing meanwhile is refused."""
-    from synthgen.dataset.build import _prepare_folder, _writer, plan_build
+    from synthgen.dataset.folder import plan_build, prepare_folder
     from synthgen.errors import OutputFolderError
     from synthgen.recipe import load_recipe
 
@@ -235,9 +235,9 @@ def test_worker_starting_while_another_writes_its_plan(tmp_path):
     mine = plan_build(load_recipe(write_recipe(tmp_path / "a.yaml")), out)
     assert mine.state == "new"
     other = plan_build(load_recipe(write_recipe(tmp_path / "b.yaml", seed=8)), out)
-    _prepare_folder(other, _writer(other))
+    prepare_folder(other, other.writer())
     with pytest.raises(OutputFolderError, match="seed"):
-        _prepare_folder(mine, _writer(mine))
+        prepare_folder(mine, mine.writer())
 
 
 def test_dry_run_writes_nothing(tmp_path):

@@ -400,14 +400,14 @@ def test_an_edited_plan_file_says_what_is_wrong(copy_of, loaded):
 
 
 def test_the_progress_bar_never_ends_with_dashes(capsys):
-    from synthgen.dataset.build import _progress
+    from synthgen.dataset.job import progress_bar
 
-    with _progress(True, "x", 8) as bar:
+    with progress_bar(True, "x", 8) as bar:
         bar.skip(4)  # a shard another process made
         bar.advance(4)
     err = capsys.readouterr().err
     assert "--" not in err and "4/4" in err and "img/s" in err
-    with _progress(True, "y", 4) as bar:
+    with progress_bar(True, "y", 4) as bar:
         bar.skip(4)  # nothing generated at all
     err = capsys.readouterr().err
     assert "--" not in err and "0/0" in err

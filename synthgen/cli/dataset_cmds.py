@@ -38,7 +38,11 @@ def default_out(name: str) -> Path:
 @app.command()
 def build(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder [default: outputs/<recipe name>]."),
+    out: Optional[str] = typer.Option(
+        None, "--out", "-o",
+        help="Dataset folder, or an fsspec URL such as s3://bucket/name (credentials from the environment) "
+        "[default: outputs/<recipe name>].",
+    ),
     limit: Optional[int] = typer.Option(
         None, "--limit", "-n",
         help="Build only the first N images of the recipe's plan; a later build without --limit completes it "
@@ -47,8 +51,24 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (images, shards, prompts, folder) and write nothing."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder built from another recipe."),
-    num_workers: int = typer.Option(1, "--num-workers", help="Split the shards between this many processes/nodes."),
-    worker_index: int = typer.Option(0, "--worker-index", help="Which share of the shards this process builds (0-based)."),
+    executor: str = typer.Option(
+        "auto", "--executor",
+        help="Where shards run: local (this process), ranks (the processes torchrun, accelerate launch, srun or a "
+        "Slurm array started: RANK/WORLD_SIZE/LOCAL_RANK, SLURM_*), ray (Ray tasks), or auto (ranks when "
+        "those variables are set, else local).",
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="Ray cluster to run on (host:port, ray://host:10001 or auto) [default: RAY_ADDRESS, else a local Ray]."
+    ),
+    share_only: bool = typer.Option(
+        False, "--share-only", help="Make only this rank's share of the shards (no help with others'); exit 3 if other shares are unfinished."
+    ),
+    num_workers: Optional[int] = typer.Option(
+        None, "--num-workers", help="An explicit static split instead of rank variables: this many processes (with --worker-index)."
+    ),
+    worker_index: Optional[int] = typer.Option(
+        None, "--worker-index", help="Which share this process makes (0-based); implies --share-only."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Build (or resume, or extend) a dataset from a recipe into a Hugging Face-style folder of parquet shards.
@@ -56,20 +76,20 @@ def build(
     Re-running the same command resumes: finished shards are checked (size, sha256, rows) and kept,
     unfinished or damaged ones redone. A resume may change settings that do not change images
     (generator.batch_size, generator.device, ...); any other change is refused, naming the key.
-    Several processes may build one folder at once (e.g. one per GPU with CUDA_VISIBLE_DEVICES):
-    shards are claimed with file locks. Exit status 3: this worker's share (--num-workers) is done
-    but other shards are not.
+    Under torchrun, accelerate launch, srun or a Slurm array each process takes its share of the
+    shards (by rank, on its own GPU), then helps with the rest; the last one writes the manifest.
+    Exit status 3: this process's share is done (--share-only, --worker-index) but other shards are not.
     """
     from synthgen.dataset import build_dataset, plan_build
 
     r = _load(recipe, set_)
-    folder = out or default_out(r.name)
+    folder = out or str(default_out(r.name))
     if dry_run:
         _print_plan(plan_build(r, folder, overwrite=overwrite, limit=limit))
         return
     result = build_dataset(
-        r, folder, limit=limit, overwrite=overwrite, progress=not quiet, num_workers=num_workers,
-        worker_index=worker_index,
+        r, folder, limit=limit, overwrite=overwrite, progress=not quiet, executor=executor, ray_address=ray_address,
+        num_workers=num_workers, worker_index=worker_index, share_only=share_only,
     )
     for name, why in result.rebuilt.items():
         err_console.print(f"note: rebuilt shard {name}: its file did not match its marker ({why})", markup=False, highlight=False)
@@ -79,8 +99,10 @@ def build(
         status = f"first {result.rows_target:,} images built (run without --limit to complete it)"
     else:
         status = "partial"
+    worker = result.worker
+    who = f"rank {worker['rank']}/{worker['world_size']}: " if worker.get("world_size", 1) > 1 else ""
     console.print(
-        f"{result.folder}: {status}; {result.rows_planned:,} images planned, "
+        f"{who}{result.folder}: {status}; {result.rows_planned:,} images planned, "
         f"{result.shards_written} shard(s) written, {result.shards_skipped} already done, "
         f"{result.retries} image(s) regenerated, {result.seconds:.1f} s",
         markup=False, highlight=False,
@@ -88,8 +110,9 @@ def build(
     if not result.complete:
         shown = ", ".join(result.left[:4]) + (f" and {len(result.left) - 4} more" if len(result.left) > 4 else "")
         error_line(
-            f"the dataset is unfinished: {len(result.left)} shard(s) left ({shown}); they belong to other workers "
-            f"(--num-workers {num_workers}): run those, or the same command without --worker-index to finish"
+            f"the dataset is unfinished: {len(result.left)} shard(s) left ({shown}); they belong to other ranks "
+            f"(this is {who.rstrip(': ') or 'rank 0/1'}): run those ranks again, or finish what is left with "
+            "the same command and --executor local"
         )
         raise typer.Exit(EXIT_PARTIAL)
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from synthgen.dataset.build import MANIFEST, PLAN_FILE, read_manifest
+from synthgen.dataset.folder import MANIFEST, PLAN_FILE
+from synthgen.dataset.read import read_manifest
 from synthgen.dataset.writer import STATE_DIR, TMP_PREFIX, file_sha256
 
 

@@ -1,14 +1,21 @@
-"""ShardWriter: one parquet shard per call, written to a temp name then renamed, then marked done.
+"""ShardWriter: one parquet shard per call, written whole, then marked done.
 
-The order (write temp -> fsync -> rename -> write marker) means a crash at any point leaves either
-no shard, a stray temp file (removed on the next run), or a complete shard without its marker
-(redone on the next run): never a half-written shard that looks finished.
+The order (write the shard whole -> write its marker) means a crash at any point leaves either no
+shard, a stray temp file on a local folder (removed on the next run), or a complete shard without
+its marker (redone on the next run): never a half-written shard that looks finished. On a local
+folder "whole" is temp file -> fsync -> rename; on an object store it is one PUT (see ``storage.py``).
 
 A shard counts as done only when its file matches its marker: size and sha256, a row count and an
 ``index`` column that are exactly the marker's rows. The check reads each shard once per process
-(cached by inode, size and modification time), so a garbled, truncated or swapped shard is rebuilt
-instead of trusted. Each marker also records the model provenance and settings hash of its rows,
-so the manifest can be rebuilt from markers alone.
+(cached by the file's version: inode, size and modification time, or size and ETag), so a garbled,
+truncated or swapped shard is rebuilt instead of trusted. A cheaper check (:meth:`ShardWriter.marked`:
+the marker is there and the file has its size) is what processes use for shards another process
+made. Each marker also records the model provenance and settings hash of its rows, so the manifest
+can be rebuilt from markers alone.
+
+Writing a shard is two steps a pipelined writer can overlap with generation: :meth:`ShardWriter.encode`
+(images -> an arrow table, CPU) and :meth:`ShardWriter.commit` (table -> parquet bytes -> the store,
+then the marker).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,9 +34,19 @@ from datasets import Features
 from PIL import Image
 
 from synthgen.dataset.plan import ShardSpec
+from synthgen.dataset.storage import (  # noqa: F401 - the atomic helpers are imported from here too
+    STATE_DIR,
+    TMP_PREFIX,
+    LocalStore,
+    Store,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_sha256,
+    temp_path,
+    write_atomically,
+)
 
-STATE_DIR = ".synthgen"  # build state inside the dataset folder (plan, markers, locks)
-TMP_PREFIX = ".tmp-"
+MARKERS = f"{STATE_DIR}/done"
 
 
 @dataclass
@@ -60,85 +77,47 @@ def encode_image(image: Image.Image, image_format: str, jpeg_quality: int = 95) 
     return buffer.getvalue()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    """Where ``path`` is written before its atomic rename (``.tmp-<name>.<pid>``, cleaned up later)."""
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync, rename over ``path``; on any failure (disk full...) the temp file goes."""
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    write_atomically(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-# (path, inode, size, mtime_ns) -> problem (None: the file matched its marker). Per process: a
-# resume reads each finished shard once, however often the build asks.
+# (store, path, version, marker's sha256/start/stop) -> problem (None: the file matched its marker).
+# Per process: a resume reads each finished shard once, however often the build asks.
 _CHECKED: dict[tuple, Optional[str]] = {}
 
 
-def check_shard_file(path: Path, marker: dict[str, Any]) -> Optional[str]:
-    """Why the shard file at ``path`` does not hold what ``marker`` says, or None when it does.
+def check_shard(store: Store, rel: str, marker: dict[str, Any]) -> Optional[str]:
+    """Why the shard file ``rel`` does not hold what ``marker`` says, or None when it does.
 
     Compares size, sha256, row count and the ``index`` column (exactly ``start .. stop-1``): a
     copied, garbled, truncated or swapped shard is caught even when its marker was edited to match.
     """
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    version = store.version(rel)
+    if version is None:
         return "file missing"
-    if st.st_size != marker.get("bytes"):
-        return f"size {st.st_size} bytes, marker says {marker.get('bytes')}"
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, marker.get("sha256"), marker.get("start"), marker.get("stop"))
+    size = version[0]
+    if size != marker.get("bytes"):
+        return f"size {size} bytes, marker says {marker.get('bytes')}"
+    key = (store.display, rel, version, marker.get("sha256"), marker.get("start"), marker.get("stop"))
     if key not in _CHECKED:
-        _CHECKED[key] = _check_contents(path, marker)
+        _CHECKED[key] = _check_contents(store, rel, marker)
     return _CHECKED[key]
 
 
-def _remember_written(path: Path, marker: dict[str, Any]) -> None:
+def check_shard_file(path: Path, marker: dict[str, Any]) -> Optional[str]:
+    """:func:`check_shard` for a local file."""
+    return check_shard(LocalStore(path.parent), path.name, marker)
+
+
+def _remember_written(store: Store, rel: str, marker: dict[str, Any]) -> None:
     """A shard this process just wrote matches its marker: no need to read it back."""
-    st = path.stat()
-    _CHECKED[(str(path), st.st_ino, st.st_size, st.st_mtime_ns, marker["sha256"], marker["start"], marker["stop"])] = None
+    version = store.version(rel)
+    if version is not None:
+        _CHECKED[(store.display, rel, version, marker["sha256"], marker["start"], marker["stop"])] = None
 
 
-def _check_contents(path: Path, marker: dict[str, Any]) -> Optional[str]:
-    if file_sha256(path) != marker.get("sha256"):
+def _check_contents(store: Store, rel: str, marker: dict[str, Any]) -> Optional[str]:
+    if store.sha256(rel) != marker.get("sha256"):
         return "sha256 differs from its marker"
     try:
-        indices = pq.read_table(path, columns=["index"]).column("index").to_pylist()
+        with store.open_read(rel) as f:
+            indices = pq.read_table(f, columns=["index"]).column("index").to_pylist()
     except (OSError, pa.ArrowException) as exc:
         return f"unreadable parquet ({str(exc).splitlines()[0][:120]})"
     expected = list(range(marker.get("start", -1), marker.get("stop", -1)))
@@ -160,7 +139,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        folder: str | Path,
+        folder: str | Path | Store,
         features: Features,
         settings_hash: str = "",
         image_format: str = "png",
@@ -170,25 +149,27 @@ class ShardWriter:
         # PIL releases the GIL while it compresses, so threads encode in parallel; on a GPU box
         # PNG encoding at 512 px (~25 images/s per core) would otherwise throttle generation.
         self.encode_workers = encode_workers or min(8, os.cpu_count() or 1)
-        self.folder = Path(folder)
+        self.store = folder if isinstance(folder, Store) else LocalStore(Path(folder))
         self.features = features
         self.settings_hash = settings_hash  # stamped on every row; set once the model is loaded
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
         self.has_labels = "label" in features
-        self.markers = self.folder / STATE_DIR / "done"
 
     # ---------------------------------------------------------------------------------------------
-    def marker_path(self, spec: ShardSpec) -> Path:
-        return self.markers / f"{spec.name}.json"
+    def marker_rel(self, spec: ShardSpec) -> str:
+        return f"{MARKERS}/{spec.name}.json"
 
     def read_marker(self, spec: ShardSpec) -> Optional[dict[str, Any]]:
         """The shard's marker, or None when there is none (or it is unreadable: redo the shard)."""
-        try:
-            marker = json.loads(self.marker_path(spec).read_text())
-        except (OSError, ValueError):
-            return None
+        marker = self.store.read_json(self.marker_rel(spec))
         return marker if isinstance(marker, dict) else None
+
+    @staticmethod
+    def covers(marker: Optional[dict], spec: ShardSpec) -> bool:
+        """The marker describes this shard's file from its first row through at least ``spec.stop``."""
+        return (marker is not None and marker.get("file") == spec.filename and marker.get("start") == spec.start
+                and marker.get("stop", -1) >= spec.stop)
 
     def finished(self, spec: ShardSpec) -> Optional[dict[str, Any]]:
         """The marker of the shard's verified file when it holds at least ``spec``'s rows, else None.
@@ -197,14 +178,52 @@ class ShardWriter:
         spec that stops no later, and :meth:`kept_rows` gives its rows to the build that completes it.
         """
         marker = self.read_marker(spec)
-        if marker is None or marker.get("file") != spec.filename or marker.get("start") != spec.start:
+        if not self.covers(marker, spec):
             return None
-        if marker.get("stop", -1) < spec.stop:
-            return None
-        return marker if check_shard_file(self.folder / spec.filename, marker) is None else None
+        return marker if check_shard(self.store, spec.filename, marker) is None else None
 
     def is_done(self, spec: ShardSpec) -> bool:
         return self.finished(spec) is not None
+
+    def marked(self, spec: ShardSpec, sizes: Optional[dict[str, int]] = None,
+               marker_names: Optional[Iterable[str]] = None) -> Optional[dict[str, Any]]:
+        """The shard's marker when it covers ``spec`` and the file has the marker's size: the cheap
+        check for shards another process made (it wrote the file whole, then hashed and marked it).
+        ``sizes`` (a listing of ``data/``) and ``marker_names`` (of the markers folder) save requests."""
+        if marker_names is not None and f"{spec.name}.json" not in marker_names:
+            return None
+        marker = self.read_marker(spec)
+        if not self.covers(marker, spec):
+            return None
+        if sizes is None:
+            version = self.store.version(spec.filename)
+            size = None if version is None else version[0]
+        else:
+            size = sizes.get(spec.filename.rsplit("/", 1)[-1])
+        return marker if size == marker.get("bytes") else None
+
+    def marked_many(self, specs: Sequence[ShardSpec]) -> dict[int, dict[str, Any]]:
+        """:meth:`marked` for many shards in a few requests: one listing of the markers and of
+        ``data/``, then the listed markers read together. Shard index -> marker."""
+        names, sizes = self.marker_names(), self.data_sizes()
+        listed = [spec for spec in specs if f"{spec.name}.json" in names]
+        raw = self.store.read_many([self.marker_rel(spec) for spec in listed])
+        out = {}
+        for spec in listed:
+            try:
+                marker = json.loads(raw[self.marker_rel(spec)] or b"null")
+            except ValueError:
+                continue
+            if isinstance(marker, dict) and self.covers(marker, spec) and \
+                    sizes.get(spec.filename.rsplit("/", 1)[-1]) == marker.get("bytes"):
+                out[spec.index] = marker
+        return out
+
+    def data_sizes(self) -> dict[str, int]:
+        return self.store.listing("data")
+
+    def marker_names(self) -> set[str]:
+        return set(self.store.listing(MARKERS))
 
     def problem(self, spec: ShardSpec) -> Optional[str]:
         """Why a shard that has a marker is not done (None without a marker, or when it is fine)."""
@@ -213,7 +232,7 @@ class ShardWriter:
             return None
         if marker.get("file") != spec.filename or marker.get("start") != spec.start:
             return f"its marker describes {marker.get('file')} rows from {marker.get('start')}"
-        return check_shard_file(self.folder / spec.filename, marker)
+        return check_shard(self.store, spec.filename, marker)
 
     def kept_rows(self, spec: ShardSpec) -> Optional[pa.Table]:
         """The verified rows of a shard an earlier partial build cut short (``start .. stop'``,
@@ -223,40 +242,17 @@ class ShardWriter:
             return None
         if not spec.start < marker.get("stop", -1) < spec.stop:
             return None
-        path = self.folder / spec.filename
-        if check_shard_file(path, marker) is not None:
+        if check_shard(self.store, spec.filename, marker) is not None:
             return None
-        table = pq.read_table(path)
+        with self.store.open_read(spec.filename) as f:
+            table = pq.read_table(f)
         return table if table.schema.equals(self.features.arrow_schema, check_metadata=False) else None
 
-    def stray_files(self) -> dict[str | None, list[Path]]:
-        """Temp files a killed run may have left (ours all start with ``.tmp-``), by shard name.
-
-        Shard and marker temp files are keyed by their shard's name; the folder's own state files
-        (plan, manifest, card) by ``None``. Another live process may still be writing any of them:
-        the caller removes a shard's files only while holding that shard's lock.
-        """
-        found: dict[str | None, list[Path]] = {}
-        for sub in (self.folder / "data", self.markers):
-            if sub.is_dir():
-                for path in sub.glob(f"{TMP_PREFIX}*"):
-                    # .tmp-<shard>.parquet.<pid> or .tmp-<shard>.json.<pid>
-                    stem = path.name[len(TMP_PREFIX):].rsplit(".", 1)[0]
-                    shard = stem.removesuffix(".parquet").removesuffix(".json")
-                    found.setdefault(shard, []).append(path)
-        for sub in (self.folder, self.folder / STATE_DIR):
-            if sub.is_dir():
-                found.setdefault(None, []).extend(sub.glob(f"{TMP_PREFIX}*"))
-        return found
-
-    def unplanned_files(self, planned: Iterable[ShardSpec]) -> list[Path]:
+    def unplanned_files(self, planned: Iterable[ShardSpec]) -> list[str]:
         """Files in ``data/`` that are neither a planned shard nor our temp files: the dataset card's
         ``data/<split>-*.parquet`` pattern would load a stray one as extra (duplicate) rows."""
-        names = {Path(spec.filename).name for spec in planned}
-        data = self.folder / "data"
-        if not data.is_dir():
-            return []
-        return sorted(p for p in data.iterdir() if p.name not in names and not p.name.startswith(TMP_PREFIX))
+        names = {spec.filename.rsplit("/", 1)[-1] for spec in planned}
+        return sorted(f"data/{n}" for n in self.store.listing("data") if n not in names and not n.startswith(TMP_PREFIX))
 
     # ---------------------------------------------------------------------------------------------
     def to_table(self, rows: Sequence[ShardRow]) -> pa.Table:
@@ -286,14 +282,8 @@ class ShardWriter:
         # ClassLabel features back from the file itself, not only from the dataset card.
         return pa.Table.from_pydict(columns, schema=self.features.arrow_schema)
 
-    def write(
-        self,
-        spec: ShardSpec,
-        rows: Iterable[ShardRow],
-        extra: dict[str, Any] | None = None,
-        kept: Optional[pa.Table] = None,
-    ) -> dict:
-        """Write shard ``spec`` from ``rows`` (after ``kept``, rows an earlier build made) and mark it done."""
+    def encode(self, spec: ShardSpec, rows: Iterable[ShardRow], kept: Optional[pa.Table] = None) -> pa.Table:
+        """The shard's table: ``kept`` (rows an earlier build made) then ``rows``, encoded."""
         rows = sorted(rows, key=lambda r: r.index)
         head = kept.num_rows if kept is not None else 0
         expected = list(range(spec.start + head, spec.stop))
@@ -303,25 +293,39 @@ class ShardWriter:
         table = self.to_table(rows)
         if kept is not None:
             table = pa.concat_tables([kept.cast(table.schema), table]).combine_chunks()
-        retries = table.column("retries").to_pylist()
-        path = self.folder / spec.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
+        return table
+
+    def commit(self, spec: ShardSpec, table: pa.Table, extra: dict[str, Any] | None = None) -> dict:
+        """Write the shard's file whole, then its marker; returns the marker."""
+        buffer = io.BytesIO()
         # Row groups of ~100 images keep the Hub viewer and random access responsive.
-        write_atomically(path, lambda tmp: pq.write_table(table, tmp, row_group_size=100))
+        pq.write_table(table, buffer, row_group_size=100)
+        data = buffer.getvalue()
+        retries = table.column("retries").to_pylist()
+        self.store.write_bytes(spec.filename, data)
         info = {
             "shard": spec.name,
             "file": spec.filename,
             "rows": table.num_rows,
             "start": spec.start,
             "stop": spec.stop,
-            "bytes": path.stat().st_size,
-            "sha256": file_sha256(path),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
             "retries": sum(retries),
             "retried_images": sum(1 for r in retries if r),
             "settings_hash": self.settings_hash,
             **(extra or {}),
         }
-        _remember_written(path, info)
-        self.markers.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.marker_path(spec), json.dumps(info, indent=1))
+        _remember_written(self.store, spec.filename, info)
+        self.store.write_text(self.marker_rel(spec), json.dumps(info, indent=1))
         return info
+
+    def write(
+        self,
+        spec: ShardSpec,
+        rows: Iterable[ShardRow],
+        extra: dict[str, Any] | None = None,
+        kept: Optional[pa.Table] = None,
+    ) -> dict:
+        """Write shard ``spec`` from ``rows`` (after ``kept``, rows an earlier build made) and mark it done."""
+        return self.commit(spec, self.encode(spec, rows, kept), extra)

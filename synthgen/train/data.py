@@ -142,14 +142,14 @@ def quiet_datasets():
         enable_progress_bars()
 
 
-def _load_hf_split(source: str, split: str, revision: str | None):
+def _load_hf_split(source: str, split: str, revision: str | None, storage_options: dict | None = None):
     """Return ``(datasets.Dataset, resolved_id, commit)`` for one split, with one-line errors;
     ``commit`` is the Hub commit sha a Hub id resolved to (None for local data)."""
     with quiet_datasets():
-        return _load_hf_split_quiet(source, split, revision)
+        return _load_hf_split_quiet(source, split, revision, storage_options)
 
 
-def _load_hf_split_quiet(source: str, split: str, revision: str | None):
+def _load_hf_split_quiet(source: str, split: str, revision: str | None, storage_options: dict | None = None):
     import datasets
 
     path = os.path.expanduser(source)
@@ -175,6 +175,14 @@ def _load_hf_split_quiet(source: str, split: str, revision: str | None):
             else:
                 dsd = datasets.load_dataset(str(p))
             resolved = str(p.resolve())
+        elif "://" in source and not source.startswith("hf://"):
+            # an fsspec URL (s3://, gs://, ...): a folder of Hub-layout shards (data/<split>-*.parquet,
+            # as `synthgen build --out URL` writes) or one parquet file; credentials from the environment
+            if revision is not None:
+                raise SynthgenError(f"--revision {revision!r} applies to Hub datasets only, not to {source}")
+            files = source if source.endswith(".parquet") else f"{source.rstrip('/')}/data/{split}-*.parquet"
+            dsd = datasets.load_dataset("parquet", data_files={split: files}, storage_options=storage_options)
+            resolved = source
         else:
             if not _HUB_ID.match(source):
                 raise SynthgenError(f"dataset {source!r} not found: no such local path, and not a Hub id (org/name)")
@@ -301,12 +309,15 @@ def load_image_dataset(
     limit: int | None = None,
     cache: bool = True,
     require_labels: bool = False,
+    storage_options: dict | None = None,
 ) -> ImageTensorDataset:
     """Decode one split of ``source`` into an :class:`ImageTensorDataset`.
 
     ``source``: a local dataset folder (Hub layout with README.md configs, plain data files, or a
-    ``save_to_disk`` folder), a local parquet/arrow file (its rows are split ``train``), or a Hub
-    id ``org/name`` loaded with ``datasets.load_dataset(id, revision=revision)``.
+    ``save_to_disk`` folder), a local parquet/arrow file (its rows are split ``train``), a Hub
+    id ``org/name`` loaded with ``datasets.load_dataset(id, revision=revision)``, or an fsspec URL
+    (``s3://bucket/folder`` holding ``data/<split>-*.parquet``, or a ``.parquet`` object) opened
+    with ``storage_options`` (default: the environment's credentials and fsspec settings).
 
     The image column is the first ``Image`` feature and the label column the first ``ClassLabel``
     (else a column named ``label``/``labels``) unless named. ``image_size`` resizes (shorter side,
@@ -315,7 +326,7 @@ def load_image_dataset(
     """
     import datasets
 
-    ds, resolved, commit = _load_hf_split(source, split, revision)
+    ds, resolved, commit = _load_hf_split(source, split, revision, storage_options)
     desc = f"{source}[{split}]"
     if len(ds) == 0:
         raise SynthgenError(f"{desc} is empty (0 rows)")
