@@ -535,3 +535,37 @@ def test_cas_on_a_hub_revision_records_its_commit(fake_hub, v1, v2, tmp_path, ca
     assert synthetic["id"] == "org/demo" and synthetic["revision"] == "v1.0.0"
     assert synthetic["sha"] == sha_v1
     assert [r["n_images"] for r in result["runs"]] == [40]  # v1.0.0's rows, not v1.1.0's 60
+
+
+# --------------------------------------------------------------------------------------------------
+# build --push-to-hub
+# --------------------------------------------------------------------------------------------------
+def test_build_push_to_hub(fake_hub, tiny_pipeline_path, tmp_path, capsys):
+    out = tmp_path / "built"
+    sets = [a for kv in SMALL for a in ("--set", kv)]
+    code, stdout, err = cli(capsys, "build", "demo", *sets, "--out", out, "-q", "--push-to-hub", "org/built", "--tag", "v1.0.0")
+    assert code == 0, err
+    assert "org/built" in stdout and "tagged v1.0.0" in stdout
+    assert_same_rows(out, "org/built", "v1.0.0")
+    pushes = json.loads((out / "synthgen_manifest.json").read_text())["pushes"]
+    assert [(p["repo_id"], p["tag"]) for p in pushes] == [("org/built", "v1.0.0")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--push-to-hub", "not a repo id"], "malformed repo id"),
+    (["--push-to-hub", "org/built", "--limit", "10"], "drop --limit"),
+    (["--tag", "v1.0.0"], "go with --push-to-hub"),
+])
+def test_build_push_to_hub_bad_input_builds_nothing(fake_hub, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    code, _, err = cli(capsys, "build", "demo", "--out", out, "-q", *args)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and message in lines[0]
+    assert not out.exists() and writes(fake_hub) == []
+
+
+def test_build_push_to_hub_without_token_builds_nothing(fake_hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    out = tmp_path / "never"
+    code, _, err = cli(capsys, "build", "demo", "--out", out, "-q", "--push-to-hub", "org/built")
+    assert code == 1 and "no Hugging Face token" in err and not out.exists()

@@ -70,6 +70,11 @@ def build(
         None, "--worker-index", help="Which share this process makes (0-based); implies --share-only."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", help="After a complete build, publish it to this Hub dataset repo (namespace/name); see `synthgen push`."
+    ),
+    tag: Optional[str] = typer.Option(None, "--tag", help="With --push-to-hub: tag the pushed revision, e.g. v1.0.0."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Build (or resume, or extend) a dataset from a recipe into a Hugging Face-style folder of parquet shards.
 
@@ -84,6 +89,8 @@ def build(
 
     r = _load(recipe, set_)
     folder = out or str(default_out(r.name))
+    if push_to_hub is not None or tag is not None or private:
+        _check_push_request(push_to_hub, tag, limit, folder)
     if dry_run:
         _print_plan(plan_build(r, folder, overwrite=overwrite, limit=limit))
         return
@@ -115,6 +122,28 @@ def build(
             "the same command and --executor local"
         )
         raise typer.Exit(EXIT_PARTIAL)
+    if push_to_hub is not None and result.dataset_complete and worker.get("rank", 0) == 0:
+        from synthgen.hub import push_dataset
+
+        pushed = push_dataset(result.folder, push_to_hub, tag=tag, private=private)
+        done = f"committed {pushed.commit[:12]}" if pushed.new_commit else f"already held this content at {pushed.commit[:12]}"
+        console.print(f"{pushed.repo_id}: {done}" + (f", tagged {pushed.tag}" if pushed.tag else "") + f"\n{pushed.url}",
+                      markup=False, highlight=False)
+
+
+def _check_push_request(repo_id: Optional[str], tag: Optional[str], limit: Optional[int], folder: str) -> None:
+    """--push-to-hub's arguments and token, checked before anything is generated."""
+    from synthgen.errors import SynthgenError
+    from synthgen.hub.publish import check_push_args, require_token
+
+    if repo_id is None:
+        raise SynthgenError("--tag and --private go with --push-to-hub REPO_ID")
+    if limit is not None:
+        raise SynthgenError("--push-to-hub publishes a complete dataset; drop --limit (or push later with `synthgen push`)")
+    if "://" in folder and not folder.startswith("file://"):
+        raise SynthgenError("--push-to-hub publishes a local folder; build into one, or push it later with `synthgen push`")
+    check_push_args(repo_id, tag, None, False)
+    require_token()
 
 
 def _print_plan(build) -> None:
