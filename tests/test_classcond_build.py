@@ -140,7 +140,7 @@ def test_regenerate_gives_the_stored_pixels(built, tmp_path, capsys):
     import datasets
 
     from synthgen.cli import main
-    from synthgen.dataset.build import regenerate_row
+    from synthgen.dataset import regenerate_row
 
     stored = datasets.load_dataset(str(built), split="train")[13]["image"]
     assert np.array_equal(np.asarray(regenerate_row(built, 13)), np.asarray(stored))

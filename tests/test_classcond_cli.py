@@ -35,7 +35,7 @@ def test_run_all_stages_then_resume_and_regenerate(tmp_path, tiny_pipeline_path,
 
     from synthgen.cli import main
     from synthgen.classcond.checkpoints import list_epochs
-    from synthgen.dataset.build import regenerate_row
+    from synthgen.dataset import regenerate_row
 
     run_dir = tmp_path / "run"
     assert main(["classcond", "run", "classcond-tiny", "--run-dir", str(run_dir), "--set", SOURCE, "--device", "cpu", "-q"]) == 0

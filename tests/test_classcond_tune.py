@@ -68,9 +68,9 @@ def test_split_tripwire(monkeypatch):
 
     real = data._load_hf_split
 
-    def guarded(source, split, revision):
+    def guarded(source, split, revision, *args, **kwargs):
         assert split != "test", f"tuning asked for the test split of {source}"
-        return real(source, split, revision)
+        return real(source, split, revision, *args, **kwargs)
 
     monkeypatch.setattr(data, "_load_hf_split", guarded)
 
