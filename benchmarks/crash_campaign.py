@@ -11,12 +11,16 @@ marker is there, the manifest not yet), ``card`` (the manifest is there, the car
 phase a kill landed in is read from the folder right after it and recorded. A target the build ran
 past before the watcher saw it counts as "missed", not as a kill.
 
-After the last run every trial must have: exit status 0, exactly the planned rows, each shard file
-byte-identical (sha256) to the reference build's, ``verify_dataset`` clean (checksums, indices,
+The trials use ``--writer`` (default ``pipelined``: shards are written in a background thread while
+the next one generates, so ``shard-write`` and ``marker`` kills land inside a background write), the
+reference build ``--reference-writer`` (default ``serial``). After the last run every trial must
+have: exit status 0, exactly the planned rows, each shard file byte-identical (sha256) to the
+reference build's, ``verify_dataset`` clean (checksums, indices,
 every image decodes), no temp files left, and a manifest whose model record names the resolved
 revision, scheduler, device, dtype and library versions.
 
     python benchmarks/crash_campaign.py                      # 4 trials x 6 phases, results/crash-campaign-cpu.json
+    python benchmarks/crash_campaign.py --writer serial      # the same with the serial writer
     python benchmarks/crash_campaign.py --trials 1 --phases plan,shard-write,manifest --out X.json
 """
 
@@ -50,9 +54,9 @@ SETTINGS = [
 PHASES = ("plan", "shard-write", "random", "marker", "manifest", "card")  # build order
 
 
-def build_command(out: Path) -> list[str]:
+def build_command(out: Path, writer: str = "pipelined") -> list[str]:
     args = [sys.executable, "-m", "synthgen", "build", "demo", "--out", str(out), "-q"]
-    for item in SETTINGS:
+    for item in [*SETTINGS, f"output.writer={writer}"]:
         args += ["--set", item]
     return args
 
@@ -97,11 +101,12 @@ def target_reached(phase: str, folder: Path, shards: int, start_markers: int, de
     return time.monotonic() >= deadline  # random
 
 
-def run_and_kill(folder: Path, phase: str, reference_seconds: float, shards: int, rng: random.Random) -> dict:
+def run_and_kill(folder: Path, phase: str, reference_seconds: float, shards: int, rng: random.Random,
+                 writer: str) -> dict:
     """Start a build and kill -9 it when ``phase`` is reached; returns what happened."""
     start_markers = len(list((folder / ".synthgen" / "done").glob("*.json"))) if (folder / ".synthgen" / "done").is_dir() else 0
     deadline = time.monotonic() + rng.uniform(0.0, reference_seconds)
-    proc = subprocess.Popen(build_command(folder), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(build_command(folder, writer), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while proc.poll() is None:
         if target_reached(phase, folder, shards, start_markers, deadline):
             os.kill(proc.pid, signal.SIGKILL)
@@ -140,6 +145,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--phases", default=",".join(PHASES), help="kill targets of each trial, in build order")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--writer", choices=("pipelined", "serial"), default="pipelined", help="the trials' output.writer")
+    parser.add_argument("--reference-writer", choices=("pipelined", "serial"), default="serial",
+                        help="the uninterrupted reference build's output.writer")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder [default: a temp folder]")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "crash-campaign-cpu.json")
     args = parser.parse_args()
@@ -157,7 +165,7 @@ def main() -> int:
 
     reference_folder = work / "reference"
     t0 = time.perf_counter()
-    ref = subprocess.run(build_command(reference_folder), cwd=REPO, capture_output=True, text=True)
+    ref = subprocess.run(build_command(reference_folder, args.reference_writer), cwd=REPO, capture_output=True, text=True)
     reference_seconds = time.perf_counter() - t0
     if ref.returncode != 0:
         print(ref.stderr, file=sys.stderr)
@@ -171,14 +179,14 @@ def main() -> int:
         folder = work / f"trial-{trial:03d}"
         events = []
         for phase in phases:
-            event = run_and_kill(folder, phase, reference_seconds, shards, rng)
+            event = run_and_kill(folder, phase, reference_seconds, shards, rng, args.writer)
             events.append(event)
             if event["killed"]:
                 kills += 1
                 landed[event["landed"]] = landed.get(event["landed"], 0) + 1
             else:
                 missed += 1
-        final = subprocess.run(build_command(folder), cwd=REPO, capture_output=True, text=True)
+        final = subprocess.run(build_command(folder, args.writer), cwd=REPO, capture_output=True, text=True)
         problems = [] if final.returncode == 0 else [f"final run exited {final.returncode}: {final.stderr[-300:]}"]
         if final.returncode == 0:
             problems += check_folder(folder, reference, rows)
@@ -192,6 +200,8 @@ def main() -> int:
         "benchmark": "crash_campaign",
         "recipe": "demo",
         "settings": SETTINGS,
+        "writer": args.writer,
+        "reference_writer": args.reference_writer,
         "rows_planned": rows,
         "shards": shards,
         "reference_build_seconds": round(reference_seconds, 2),

@@ -211,6 +211,8 @@ class GeneratorConfig(_Strict):
 # --------------------------------------------------------------------------------------------------
 class OutputConfig(_Strict):
     LAYOUT: ClassVar[frozenset[str]] = frozenset({"split", "images_per_shard"})
+    # How shards are written, never what they hold (see _Strict.RUNTIME): a build resumes across them.
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"writer", "shards_in_flight"})
 
     split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
     images_per_shard: int = Field(1000, ge=1)
@@ -218,6 +220,12 @@ class OutputConfig(_Strict):
     resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bicubic"
     image_format: Literal["png", "jpeg", "webp"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
+    # pipelined: background threads encode and write shard k while the generator makes shard k+1
+    # (the same bytes as serial: generate a shard, then write it, in turn)
+    writer: Literal["pipelined", "serial"] = "pipelined"
+    # pipelined: generated shards waiting for or being written at once; the generator waits when
+    # the writer is this far behind (memory: at most shards_in_flight + 1 shards of images)
+    shards_in_flight: int = Field(1, ge=1, le=8)
 
 
 # --------------------------------------------------------------------------------------------------

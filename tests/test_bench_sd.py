@@ -40,7 +40,10 @@ def test_bench_sd_runs_on_cpu_and_writes_every_stage(tmp_path, monkeypatch, tiny
     assert table[("engine", 2)]["speedup_vs_plain"] > 0
     assert result["engine_provenance"]["compiled"] is False  # auto: off on a CPU
     assert result["breakdown"]["batch"] == 2 and result["breakdown"]["denoise_s"] > 0
-    assert result["build"]["images"] == 4 and result["build"]["shards"] == 1
+    build = result["build"]  # build_dataset end to end: 4 shards of the largest batch, each writer
+    assert build["images"] == 8 and build["shards"] == 4 and build["writer"] == "pipelined"
+    assert set(build["writers"]) == {"pipelined", "serial"}
+    assert all(w["shards"] == 4 and w["build_vs_engine"] > 0 for w in build["writers"].values())
     pixels = {row["variant"]: row for row in result["pixels"]}
     assert pixels["engine, every setting off"]["vs_plain"] == {"max": 0, "mean": 0.0}
     assert pixels["+ prompt-embedding cache"]["vs_plain"] == {"max": 0, "mean": 0.0}

@@ -77,6 +77,7 @@ class BuildPlan:
             settings_hash,
             image_format=out.image_format,
             jpeg_quality=out.jpeg_quality,
+            stored=out,
         )
 
 

@@ -9,15 +9,24 @@ same file; a run killed at any point leaves nothing that counts as done.
 Executors (``executors/``) only decide which shards run where; each process they start holds one
 :class:`ShardMaker`: the plan, the writer and the model, loaded once, on first use.
 
-The two halves of a shard are separate steps so that a pipelined writer can overlap them:
-:meth:`ShardMaker.generate` (the GPU: rows) and :meth:`ShardMaker.write` (the CPU and storage:
-encode, write, mark). A claim is an object (:class:`~synthgen.dataset.storage.Claim`) that another
-thread may release once the write is done.
+The two halves of a shard are separate steps: :meth:`ShardMaker.generate` (the GPU: rows) and
+:meth:`ShardMaker.write` (the CPU and storage: resize, encode, write, mark). With the recipe's
+``output.writer: pipelined`` (the default) a :class:`PipelinedWriter` runs the second half in a
+background thread while the generator makes the next shard: ``produce_shard`` hands it the
+generated shard *and its claim*, which the writer releases once the file and its marker are written,
+so the shard stays claimed until it is complete and a crash mid-write leaves what a serial crash
+leaves. At most ``output.shards_in_flight`` shards wait for or are in the writer; the generator
+blocks when it is that far behind (memory: at most ``shards_in_flight + 1`` shards of images). A
+write that fails stops the build with its own error, at the next batch the generator makes. The
+executor writes the manifest once every write has finished.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -25,9 +34,11 @@ import pyarrow as pa
 
 from synthgen.dataset.folder import BuildPlan, finalize, prepare_folder, remove_shard_temp_files
 from synthgen.dataset.plan import ShardSpec
+from synthgen.dataset.storage import Claim
 from synthgen.dataset.writer import ShardRow, ShardWriter
 
-WRITTEN, SKIPPED, BUSY = "written", "skipped", "busy"
+# QUEUED: generated and handed to a PipelinedWriter, which gives the WRITTEN outcome when done
+WRITTEN, SKIPPED, BUSY, QUEUED = "written", "skipped", "busy", "queued"
 
 
 @dataclass
@@ -42,7 +53,7 @@ class GeneratedShard:
 
 @dataclass
 class ShardOutcome:
-    status: str  # WRITTEN, SKIPPED (already done) or BUSY (another process holds it)
+    status: str  # WRITTEN, SKIPPED (already done), BUSY (another process holds it) or QUEUED
     spec: ShardSpec
     marker: Optional[dict] = None
     manifest: Optional[dict] = None  # set when this shard completed the dataset
@@ -68,11 +79,22 @@ class ShardMaker:
         self.worker = worker or {}
         self.generator: Any = None
         self.model: Optional[dict[str, Any]] = None
+        out = build.recipe.output
+        # recorded in every marker (and so in the manifest): how this process wrote its shards
+        self.writer_info = ({"mode": "pipelined", "shards_in_flight": out.shards_in_flight}
+                            if out.writer == "pipelined" else {"mode": "serial"})
+        if out.writer == "pipelined":  # encoding runs beside generation: leave the generator's thread a core
+            self.writer.encode_workers = max(1, min(self.writer.encode_workers, (os.cpu_count() or 1) - 1))
+        # one shard generates at a time (a Ray worker runs several shard tasks in threads)
+        self._generating = threading.RLock()
 
     def load(self) -> None:
         """Load the model and record (or check) the folder's generation settings; once."""
-        if self.generator is not None:
-            return
+        with self._generating:
+            if self.generator is None:
+                self._load()
+
+    def _load(self) -> None:
         from synthgen.generate import ImageGenerator, load_pipeline
 
         recipe = self.build.recipe
@@ -84,7 +106,8 @@ class ShardMaker:
         self.writer.settings_hash = recipe.settings_hash(model)
         prepare_folder(self.build, self.writer, model)
         self.loaded, self.model = loaded, model
-        self.generator = ImageGenerator(loaded, cfg, recipe.output, recipe.seed)
+        # images come back at the generated size: the writer resizes them, in its threads
+        self.generator = ImageGenerator(loaded, cfg, recipe.output.model_copy(update={"image_size": None}), recipe.seed)
 
     def rows_to_make(self, spec: ShardSpec, marker_names: Optional[set[str]] = None) -> int:
         """Rows ``spec`` still needs (fewer when an earlier ``--limit`` build made its first rows);
@@ -99,6 +122,10 @@ class ShardMaker:
     def generate(self, spec: ShardSpec, advance: Callable[[int], None] = lambda n: None) -> GeneratedShard:
         """The shard's rows (those an earlier ``--limit`` build made are kept, not regenerated)."""
         self.load()
+        with self._generating:
+            return self._generate(spec, advance)
+
+    def _generate(self, spec: ShardSpec, advance: Callable[[int], None]) -> GeneratedShard:
         started = time.perf_counter()
         sampler = self.build.sampler
         kept = self.writer.kept_rows(spec)
@@ -127,7 +154,8 @@ class ShardMaker:
         """Encode, write the file whole, then the marker; returns the marker."""
         started = time.perf_counter()
         table = self.writer.encode(shard.spec, shard.rows, shard.kept)
-        extra: dict[str, Any] = {"seconds": round(shard.seconds + time.perf_counter() - started, 3), "model": self.model}
+        extra: dict[str, Any] = {"seconds": round(shard.seconds + time.perf_counter() - started, 3), "model": self.model,
+                                 "writer": self.writer_info}
         if self.worker:
             extra["worker"] = self.worker
         return self.writer.commit(shard.spec, table, extra)
@@ -139,22 +167,108 @@ def produce_shard(
     *,
     wait: bool = False,
     advance: Callable[[int], None] = lambda n: None,
+    writer: Optional["PipelinedWriter"] = None,
 ) -> ShardOutcome:
     """Make shard ``spec`` completely unless it is done; safe to run twice, in any process.
 
     Without ``wait`` a shard another process holds gives BUSY at once; with it, this waits until
     the holder finishes (then the shard is done: SKIPPED) or dies (then this process makes it).
+    With a ``writer`` the generated shard and its claim go to that background writer (QUEUED; the
+    writer gives the WRITTEN outcome, and the executor writes the manifest after the last write).
     """
     build = maker.build
     claim = build.store.claim(spec.name)
     if not claim.acquire(wait):
         return ShardOutcome(BUSY, spec)
+    handed = False
     try:
         marker = maker.writer.finished(spec)
         if marker is not None:
             return ShardOutcome(SKIPPED, spec, marker)
         remove_shard_temp_files(build, spec)  # a dead writer's: we hold the claim
-        marker = maker.write(maker.generate(spec, advance))
+        if writer is None:
+            marker = maker.write(maker.generate(spec, advance))
+        else:
+            def step(n: int) -> None:
+                writer.check()  # a failed write stops the build here, not a shard later
+                advance(n)
+
+            writer.submit(maker.generate(spec, step), claim)
+            handed = True
+            return ShardOutcome(QUEUED, spec)
     finally:
-        claim.release()
+        if not handed:
+            claim.release()
     return ShardOutcome(WRITTEN, spec, marker, finalize(build, maker.writer))
+
+
+class PipelinedWriter:
+    """Writes generated shards in background threads while the generator makes the next ones.
+
+    ``submit`` blocks while ``in_flight`` shards are waiting for or in the writer. Each write is
+    :meth:`ShardMaker.write` (resize, encode, file whole, marker), then the shard's claim is
+    released. The first failure is raised by the next ``check``/``submit`` and by ``close``; after
+    it no new write starts. ``close`` (or leaving the ``with`` block) waits for every write and
+    returns the WRITTEN outcomes. PIL, zlib and pyarrow release the GIL while they work, so the
+    generator's thread keeps running meanwhile.
+    """
+
+    def __init__(self, maker: ShardMaker, in_flight: int = 1) -> None:
+        self.maker = maker
+        self.pool = ThreadPoolExecutor(in_flight, thread_name_prefix="synthgen-writer")
+        self.slots = threading.BoundedSemaphore(in_flight)
+        self.pending: list[Future] = []
+        self.failure: Optional[BaseException] = None
+
+    @classmethod
+    def for_recipe(cls, maker: ShardMaker) -> Optional["PipelinedWriter"]:
+        """The writer ``output.writer`` asks for: None for ``serial``."""
+        out = maker.build.recipe.output
+        return cls(maker, out.shards_in_flight) if out.writer == "pipelined" else None
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def submit(self, shard: GeneratedShard, claim: Claim) -> Future:
+        """Write ``shard`` in the background; the writer owns ``claim`` from here (also on failure)."""
+        try:
+            self.slots.acquire()  # the generator waits here while the writer is behind
+            try:
+                self.check()
+                future = self.pool.submit(self._write, shard, claim)
+            except BaseException:
+                self.slots.release()
+                raise
+        except BaseException:
+            claim.release()
+            raise
+        self.pending.append(future)
+        return future
+
+    def _write(self, shard: GeneratedShard, claim: Claim) -> ShardOutcome:
+        try:
+            self.check()  # an earlier write failed: the build is stopping
+            return ShardOutcome(WRITTEN, shard.spec, self.maker.write(shard))
+        except BaseException as exc:
+            if self.failure is None:
+                self.failure = exc
+            raise
+        finally:
+            claim.release()
+            self.slots.release()
+
+    def close(self) -> list[ShardOutcome]:
+        """Wait for every write; the WRITTEN outcomes, or the first failure raised."""
+        self.pool.shutdown(wait=True)
+        self.check()
+        return [f.result() for f in self.pending]
+
+    def __enter__(self) -> "PipelinedWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # already failing: still let the running writes finish (complete or not marked)
+            self.pool.shutdown(wait=True)

@@ -13,9 +13,9 @@ the marker is there and the file has its size) is what processes use for shards 
 made. Each marker also records the model provenance and settings hash of its rows, so the manifest
 can be rebuilt from markers alone.
 
-Writing a shard is two steps a pipelined writer can overlap with generation: :meth:`ShardWriter.encode`
-(images -> an arrow table, CPU) and :meth:`ShardWriter.commit` (table -> parquet bytes -> the store,
-then the marker).
+Writing a shard is two steps a pipelined writer overlaps with generation (``shard_task.py``):
+:meth:`ShardWriter.encode` (images -> resized to the stored size -> encoded -> an arrow table, CPU
+threads) and :meth:`ShardWriter.commit` (table -> parquet bytes -> the store, then the marker).
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from synthgen.dataset.storage import (  # noqa: F401 - the atomic helpers are im
     temp_path,
     write_atomically,
 )
+from synthgen.generate.generator import resize_to_stored
+from synthgen.recipe import OutputConfig
 
 MARKERS = f"{STATE_DIR}/done"
 
@@ -54,7 +56,7 @@ class ShardRow:
     """One generated image and its provenance, as the writer stores it."""
 
     index: int
-    image: Image.Image
+    image: Image.Image  # as generated: the writer resizes it to the stored size
     prompt: Optional[str]
     label: Optional[int]
     group: int
@@ -145,6 +147,7 @@ class ShardWriter:
         image_format: str = "png",
         jpeg_quality: int = 95,
         encode_workers: int | None = None,
+        stored: Optional[OutputConfig] = None,
     ) -> None:
         # PIL releases the GIL while it compresses, so threads encode in parallel; on a GPU box
         # PNG encoding at 512 px (~25 images/s per core) would otherwise throttle generation.
@@ -155,6 +158,8 @@ class ShardWriter:
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
         self.has_labels = "label" in features
+        # images are resized to ``stored.image_size`` in the encode threads, off the generator's thread
+        self.stored = stored
 
     # ---------------------------------------------------------------------------------------------
     def marker_rel(self, spec: ShardSpec) -> str:
@@ -257,7 +262,8 @@ class ShardWriter:
     # ---------------------------------------------------------------------------------------------
     def to_table(self, rows: Sequence[ShardRow]) -> pa.Table:
         def encode(row: ShardRow) -> dict:
-            return {"bytes": encode_image(row.image, self.image_format, self.jpeg_quality), "path": None}
+            image = row.image if self.stored is None else resize_to_stored(row.image, self.stored)
+            return {"bytes": encode_image(image, self.image_format, self.jpeg_quality), "path": None}
 
         if self.encode_workers > 1 and len(rows) > 1:
             from concurrent.futures import ThreadPoolExecutor

@@ -3,16 +3,19 @@
 Each process reads its rank from the variables its launcher sets, makes its share of the shards
 (shard ``i`` belongs to rank ``i % world_size``), then helps with the shards still unfinished
 (from the end of the plan, so it meets their owners, who work from the front, last), waits for
-shards other processes hold and takes over those whose holder died. The last process to finish a shard writes the
-manifest and card. With ``share_only`` a process makes its share and stops; one that finds other
-shares unfinished reports them (the CLI exits 3), for a rerun of their ranks or a "finish what is
-left" pass (``--executor local``, or any rank without ``--share-only``).
+shards other processes hold and takes over those whose holder died. Each process writes its shards
+with the recipe's writer (pipelined: in the background while it generates the next; see
+``shard_task.py``) and, once its writes are done, writes the manifest and card if every shard is.
+With ``share_only`` a process makes its share and stops; one that finds other shares unfinished
+reports them (the CLI exits 3), for a rerun of their ranks or a "finish what is left" pass
+(``--executor local``, or any rank without ``--share-only``).
 
 The local executor is this one with a single rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from typing import Mapping, Optional
 from synthgen.dataset.job import BuildJob, BuildResult, progress_bar
 from synthgen.dataset.folder import finalize, plan_build
 from synthgen.dataset.plan import ShardSpec
-from synthgen.dataset.shard_task import BUSY, SKIPPED, ShardMaker, produce_shard
+from synthgen.dataset.shard_task import BUSY, QUEUED, SKIPPED, PipelinedWriter, ShardMaker, produce_shard
 from synthgen.dataset.storage import disk_errors
 from synthgen.errors import SynthgenError
 
@@ -161,13 +164,15 @@ class RankExecutor:
             maker.load()  # before anything is created on disk: a bad model id leaves no folder behind
             names = writer.marker_names()
             sizes = {s.index: maker.rows_to_make(s, names) for s in mine + others}
-            with progress_bar(show, recipe.name, sum(sizes.values())) as bar:
+            background = PipelinedWriter.for_recipe(maker)  # None: write each shard before the next
+            with progress_bar(show, recipe.name, sum(sizes.values())) as bar, background or contextlib.nullcontext():
 
                 def attempt(spec: ShardSpec, wait: bool) -> bool:
-                    outcome = produce_shard(maker, spec, wait=wait, advance=bar.advance)
+                    outcome = produce_shard(maker, spec, wait=wait, advance=bar.advance, writer=background)
                     if outcome.status == BUSY:
                         return False
-                    result.count(outcome)
+                    if outcome.status != QUEUED:  # queued ones count when written (below)
+                        result.count(outcome)
                     if outcome.status == SKIPPED:
                         bar.skip(sizes[spec.index])
                     return True
@@ -182,5 +187,7 @@ class RankExecutor:
                         busy.append(spec)
                 for spec in busy:  # held by another process: wait for it, and take over if it died
                     attempt(spec, wait=True)
-            manifest = finalize(build, writer)
+                for outcome in background.close() if background is not None else []:
+                    result.count(outcome)
+            manifest = finalize(build, writer)  # after every write of this process
         return result.finish(manifest)

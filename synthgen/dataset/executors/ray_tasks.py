@@ -1,12 +1,16 @@
-"""Ray: each shard is a Ray task, with one GPU (one CPU on a cluster without GPUs), retried by Ray
-when its worker process dies.
+"""Ray: shard tasks on Ray workers, one worker per GPU (per CPU on a cluster without GPUs), restarted
+by Ray when its process dies.
 
 The driver plans (and on a resume checks the finished shards), clears what ``--overwrite`` replaces,
-submits one task per unfinished shard and waits. A task runs :func:`produce_shard` in a Ray worker
-process, which loads the model once and keeps it for the next tasks it gets (``max_calls=0``; Ray
-would otherwise start a fresh process, and load the model again, for every GPU task). A task killed
-mid-shard leaves no marker, at most a temp file its retry removes while holding the shard's claim;
-the retry makes the same rows. The task that finishes the last shard writes the manifest and card.
+starts one :class:`ShardWorker` actor per GPU (no more than there are shards to make), and hands each
+worker its next shard as soon as it finishes one. A worker loads the model once and
+runs each shard with :func:`produce_shard`, which returns once the shard's file and marker are
+written. With the recipe's ``output.writer: pipelined`` a worker runs ``1 + shards_in_flight`` shard
+tasks at once in threads: one generates (on its GPU) while the others write, the pipelined writer of
+the other executors in Ray's terms (a task's result still means "written"). A worker killed mid-shard
+leaves no marker, at most a temp file that a retry removes while holding the shard's claim; Ray
+restarts the worker and retries its unfinished tasks, which make the same rows. Whoever finishes the
+last shard writes the manifest and card.
 
 ``address`` connects to a running cluster (``ray start --head`` on one node, ``ray start
 --address=...`` on the others; every node needs synthgen installed and the folder or bucket
@@ -15,12 +19,12 @@ reachable); without it the driver uses ``RAY_ADDRESS`` or starts a local Ray.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,46 +36,51 @@ from synthgen.dataset.storage import disk_errors, is_url
 from synthgen.errors import SynthgenError
 from synthgen.recipe import Recipe
 
-MAX_RETRIES = 3  # Ray's retries of a shard whose worker process died
+MAX_RETRIES = 3  # Ray's restarts of a worker whose process died (and retries of its shard tasks)
 
 
 @dataclass(frozen=True)
 class RayShardJob:
-    """What a Ray task needs to make a shard of a build (sent to the workers)."""
+    """What a Ray worker needs to make the shards of a build (sent to the workers)."""
 
     recipe: Recipe
     out: str  # an absolute path or a URL: workers do not share the driver's working folder
     limit: Optional[int]
     storage_options: Optional[dict[str, Any]]
 
-    @property
-    def key(self) -> str:
-        data = json.dumps([self.recipe.resolved(), self.out, self.limit], sort_keys=True)
-        return hashlib.sha256(data.encode()).hexdigest()
 
+class ShardWorker:
+    """A Ray actor: one GPU's shard maker (the model loaded once, on the first shard)."""
 
-# In each Ray worker process: the shard maker (loaded model) of each build it has worked on.
-_MAKERS: dict[str, ShardMaker] = {}
+    def __init__(self, job: RayShardJob) -> None:
+        self.job = job
+        self.maker: Optional[ShardMaker] = None
+        self._loading = threading.Lock()
 
+    def _maker(self) -> ShardMaker:
+        from synthgen.dataset.executors.ranks import device_for_rank
 
-def make_shard_task(job: RayShardJob, index: int) -> dict[str, Any]:
-    """The body of a Ray task: make target shard ``index`` (or find it done)."""
-    from synthgen.dataset.executors.ranks import device_for_rank
+        with self._loading:
+            if self.maker is None:
+                job = self.job
+                build = plan_build(job.recipe, job.out, limit=job.limit, storage_options=job.storage_options, scan=False)
+                # Ray shows a GPU actor its GPU(s) only (CUDA_VISIBLE_DEVICES): cuda:0 is ours
+                maker = ShardMaker(build, device=device_for_rank(job.recipe.generator.device, 0),
+                                   worker={"executor": "ray"})
+                with disk_errors(build.store.display):
+                    maker.load()
+                self.maker = maker
+        return self.maker
 
-    maker = _MAKERS.get(job.key)
-    if maker is None:
-        build = plan_build(job.recipe, job.out, limit=job.limit, storage_options=job.storage_options, scan=False)
-        # Ray shows a GPU task its GPU(s) only (CUDA_VISIBLE_DEVICES): cuda:0 is ours
-        maker = ShardMaker(build, device=device_for_rank(job.recipe.generator.device, 0), worker={"executor": "ray"})
-        with disk_errors(build.store.display):
-            maker.load()
-        _MAKERS[job.key] = maker
-    spec = maker.build.targets[index]
-    with disk_errors(maker.build.store.display):
-        outcome = produce_shard(maker, spec, wait=True)
-    marker = outcome.marker or {}
-    return {"status": outcome.status, "marker": {"rows": marker.get("rows"), "retries": marker.get("retries", 0)},
-            "pid": os.getpid(), "complete": outcome.manifest is not None}
+    def make(self, index: int) -> dict[str, Any]:
+        """Make target shard ``index`` (or find it done); returns once its file and marker are written."""
+        maker = self._maker()
+        spec = maker.build.targets[index]
+        with disk_errors(maker.build.store.display):
+            outcome = produce_shard(maker, spec, wait=True)
+        marker = outcome.marker or {}
+        return {"status": outcome.status, "marker": {"rows": marker.get("rows"), "retries": marker.get("retries", 0)},
+                "pid": os.getpid(), "complete": outcome.manifest is not None}
 
 
 def _import_ray():
@@ -103,7 +112,7 @@ def _task_error(ray: Any, exc: Exception, spec_name: str, retries: int) -> Synth
     cause = getattr(exc, "cause", None)
     if isinstance(cause, SynthgenError):
         return cause
-    if isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
+    if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
         return SynthgenError(f"shard {spec_name}: its Ray worker died {retries + 1} times; run the same command to resume")
     what = cause if cause is not None else exc
     first = (str(what).strip().splitlines() or [type(what).__name__])[0][:300]
@@ -152,26 +161,44 @@ class RayExecutor:
             with disk_errors(build.store.display):
                 reset_folder(build, writer)  # once, here: the tasks must not clear each other's shards
         joined = self._connect(ray)
+        workers: list = []
         try:
-            gpu = ray.cluster_resources().get("GPU", 0) >= 1 and job.recipe.generator.device != "cpu"
-            task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_calls=0, max_retries=self.max_retries,
-                              retry_exceptions=False)(make_shard_task)
+            resources = ray.cluster_resources()
+            gpu = resources.get("GPU", 0) >= 1 and job.recipe.generator.device != "cpu"
+            slots = int(resources.get("GPU" if gpu else "CPU", 1))
+            out_cfg = job.recipe.output
+            # pipelined: one shard task generates while the others write (see the module doc)
+            tasks_each = 1 + out_cfg.shards_in_flight if out_cfg.writer == "pipelined" else 1
+            actor = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_concurrency=tasks_each,
+                               max_restarts=self.max_retries, max_task_retries=self.max_retries)(ShardWorker)
             payload = RayShardJob(job.recipe, out, job.limit, job.storage_options)
-            pending = {task.remote(payload, spec.index): spec for spec in build.todo}
+            workers = [actor.remote(payload) for _ in range(max(1, min(slots, len(build.todo))))]
+            queue = deque(build.todo)
+            pending: dict = {}
+
+            def hand(worker) -> None:
+                if queue:
+                    spec = queue.popleft()
+                    pending[worker.make.remote(spec.index)] = (spec, worker)
+
+            for worker in workers:
+                for _ in range(tasks_each):
+                    hand(worker)
             with progress_bar(job.progress, job.recipe.name, sum(len(s) for s in build.todo)) as bar:
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1)
                     for ref in ready:
-                        spec = pending.pop(ref)
+                        spec, worker = pending.pop(ref)
                         try:
                             outcome = ray.get(ref)
                         except Exception as exc:  # noqa: BLE001 - Ray wraps the task's error
-                            for other in pending:
-                                ray.cancel(other, force=True)
                             raise _task_error(ray, exc, spec.name, self.max_retries) from None
                         result.count(outcome)
                         bar.advance(len(spec))
+                        hand(worker)
         finally:
+            for worker in workers:  # their models' memory; a failed build's running tasks stop here too
+                ray.kill(worker)
             if joined:
                 ray.shutdown()
         with disk_errors(build.store.display):
