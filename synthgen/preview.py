@@ -1,39 +1,54 @@
-"""Look at a dataset folder: an image grid with prompts, and one row regenerated next to its original."""
+"""Look at a dataset folder (a local path or any fsspec URL; the PNGs written are local files): an
+image grid with prompts, and one row regenerated next to its original."""
 
 from __future__ import annotations
 
 import io
 import textwrap
 from pathlib import Path
+from typing import Any, Optional
 
+import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
+from synthgen.dataset.storage import Store, open_store
 from synthgen.errors import SynthgenError
 
 
-def read_first_rows(folder: str | Path, n: int) -> list[dict]:
+def read_first_rows(folder: str | Path | Store, n: int, storage_options: Optional[dict[str, Any]] = None) -> list[dict]:
+    """The first ``n`` rows of the folder's shards (a path, an fsspec URL or a store), in shard order;
+    only the row groups that hold them are read."""
     import pyarrow.parquet as pq
 
-    shards = sorted(Path(folder).glob("data/*.parquet"))
+    store = open_store(folder, storage_options, reading=True)
+    shards = sorted(f"data/{name}" for name in store.listing("data") if name.endswith(".parquet"))
     if not shards:
-        raise SynthgenError(f"{folder} holds no parquet shards (data/*.parquet); is it a dataset folder?")
+        raise SynthgenError(f"{store.display} holds no parquet shards (data/*.parquet); is it a dataset folder?")
     rows: list[dict] = []
     for shard in shards:
         try:
-            table = pq.read_table(shard)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise SynthgenError(f"{shard} is unreadable ({str(exc).splitlines()[0][:120]}); run `synthgen verify {folder}`") from None
-        columns = [c for c in ("image", "index", "prompt", "label") if c in table.column_names]
-        rows.extend(table.select(columns).slice(0, n - len(rows)).to_pylist())
+            with store.open_read(shard) as f:
+                parquet = pq.ParquetFile(f)
+                columns = [c for c in ("image", "index", "prompt", "label") if c in parquet.schema_arrow.names]
+                for batch in parquet.iter_batches(batch_size=n - len(rows), columns=columns):
+                    rows.extend(batch.slice(0, n - len(rows)).to_pylist())
+                    if len(rows) >= n:
+                        break
+        except (OSError, pa.ArrowException) as exc:
+            raise SynthgenError(f"{store.display}/{shard} is unreadable ({str(exc).splitlines()[0][:120]}); "
+                                f"run `synthgen verify {store.display}`") from None
         if len(rows) >= n:
             break
     return rows
 
 
-def write_preview(folder: str | Path, out: str | Path, n: int = 16, columns: int = 4, cell: int = 192) -> Path:
+def write_preview(folder: str | Path | Store, out: str | Path, n: int = 16, columns: int = 4, cell: int = 192, *,
+                  storage_options: Optional[dict[str, Any]] = None) -> Path:
+    """Write a grid of the first ``n`` images of ``folder`` (a path or any fsspec URL), each with its
+    index and prompt, to the local PNG ``out``."""
     if n <= 0 or columns <= 0 or cell < 32:
         raise SynthgenError("preview needs n > 0, columns > 0 and a cell of at least 32 px")
-    rows = read_first_rows(folder, n)
+    rows = read_first_rows(folder, n, storage_options)
     font = ImageFont.load_default()
     text_h = 44
     grid_rows = -(-len(rows) // columns)
@@ -63,15 +78,18 @@ def _save(image: Image.Image, out: str | Path) -> Path:
     return out
 
 
-def regenerate_to_file(folder: str | Path, index: int, out: str | Path, loaded_pipeline=None) -> int:
-    """Regenerate row ``index`` of ``folder`` into the PNG ``out``; returns the largest pixel
-    difference from the stored image. The row and its shard are checked before anything is written."""
+def regenerate_to_file(folder: str | Path | Store, index: int, out: str | Path, loaded_pipeline=None, *,
+                       storage_options: Optional[dict[str, Any]] = None) -> int:
+    """Regenerate row ``index`` of ``folder`` (a path or any fsspec URL) into the local PNG ``out``;
+    returns the largest pixel difference from the stored image. The row and its shard are checked
+    before anything is written."""
     import numpy as np
 
     from synthgen.dataset import read_row, regenerate_row
 
-    row = read_row(folder, index)  # raises on a damaged shard: no PNG is written then
+    store = open_store(folder, storage_options, reading=True)
+    row = read_row(store, index)  # raises on a damaged shard: no PNG is written then
     stored = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")).astype(int)
-    image = regenerate_row(folder, index, loaded_pipeline=loaded_pipeline, row=row)
+    image = regenerate_row(store, index, loaded_pipeline=loaded_pipeline, row=row)
     _save(image, out)
     return int(np.abs(stored - np.asarray(image.convert("RGB")).astype(int)).max())

@@ -10,6 +10,9 @@
 * ``one_torch_thread`` (module): torch on one thread while the module's tests run; use it with
   ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``. Tiny models gain nothing from
   threads, and with 2 threads on shared cores OpenMP spin-waiting slows them down many times.
+* ``s3`` (module): a real S3-compatible server (moto in server mode, its own process) with the
+  bucket ``moto_s3.BUCKET``; its credentials and endpoint are in the environment while the module
+  runs (as a user's would be), so ``s3://`` URLs reach it here and from subprocesses.
 
 ``HF_DATASETS_CACHE`` points at a private temporary folder for the session (see below).
 """
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -72,3 +76,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto_s3 import BUCKET, create_bucket, moto_server
+
+    def forget_clients() -> None:
+        # fsspec caches one S3FileSystem per set of arguments: one made for an earlier module's
+        # server (another port, same arguments) must not be handed to this module
+        with contextlib.suppress(ImportError):
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+
+    with moto_server() as env, pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.setenv("SYNTHGEN_LEASE_SECONDS", "3")  # a killed build's lease expires quickly
+        create_bucket(env, BUCKET)
+        forget_clients()
+        yield env
+        forget_clients()

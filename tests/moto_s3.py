@@ -15,6 +15,8 @@ import time
 import urllib.request
 from typing import Iterator
 
+BUCKET = "synthgen-test"  # the bucket the tests' ``s3`` fixture creates (tests/conftest.py)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -15,29 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from moto_s3 import create_bucket, moto_server
+from moto_s3 import BUCKET
 from synthgen.cli import main as cli_main
 from test_executors import REPO, build_args, clean_env, shard_bytes
 
 pytest.importorskip("s3fs")
-BUCKET = "synthgen-test"
 CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
 EXPECTED = sorted(
     [f"data/train-{i:05d}-of-00006.parquet" for i in range(6)]
     + [f".synthgen/done/train-{i:05d}-of-00006.json" for i in range(6)]
     + [".synthgen/plan.json", "README.md", "synthgen_manifest.json"]
 )
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server for this module, its credentials in the environment (as a user's would be)."""
-    with moto_server() as env, pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.setenv("SYNTHGEN_LEASE_SECONDS", "3")  # a killed build's lease expires quickly
-        create_bucket(env, BUCKET)
-        yield env
 
 
 @pytest.fixture

@@ -234,26 +234,35 @@ def prompts(
     console.print(table)
 
 
+FOLDER_HELP = ("A dataset folder written by `synthgen build`, or its fsspec URL such as s3://bucket/name "
+               "(credentials from the environment, as for build).")
+
+
 @app.command()
 def preview(
-    folder: Path = typer.Argument(..., help="A dataset folder written by `synthgen build`."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write [default: FOLDER/preview.png]."),
+    folder: str = typer.Argument(..., help=FOLDER_HELP),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="PNG to write, always a local file [default: FOLDER/preview.png; ./preview.png for a URL]."
+    ),
     n: int = typer.Option(16, "-n", help="How many images."),
     columns: int = typer.Option(4, "--columns", help="Images per row."),
     cell: int = typer.Option(192, "--cell", help="Cell size in pixels."),
 ) -> None:
     """Write an image grid PNG of the first images, each with its prompt."""
+    from synthgen.dataset.storage import open_store
     from synthgen.preview import write_preview
 
-    path = write_preview(folder, out or folder / "preview.png", n=n, columns=columns, cell=cell)
+    store = open_store(folder, reading=True)
+    default = store.local / "preview.png" if store.local is not None else Path("preview.png")
+    path = write_preview(store, out or default, n=n, columns=columns, cell=cell)
     console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 @app.command()
 def regenerate(
-    folder: Path = typer.Argument(..., help="A dataset folder written by `synthgen build`."),
+    folder: str = typer.Argument(..., help=FOLDER_HELP),
     index: int = typer.Argument(..., help="Global index of the row to regenerate."),
-    out: Path = typer.Option(..., "--out", "-o", help="PNG to write (its folder is created if missing)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG to write, a local file (its folder is created if missing)."),
 ) -> None:
     """Regenerate one image from its row (prompt, seed) and the folder's settings, and compare."""
     from synthgen.preview import regenerate_to_file
@@ -264,11 +273,12 @@ def regenerate(
 
 @app.command()
 def verify(
-    folder: Path = typer.Argument(..., help="A dataset folder written by `synthgen build`."),
+    folder: str = typer.Argument(..., help=FOLDER_HELP),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (slower, thorough)."),
 ) -> None:
     """Check a dataset folder: checksums, rows and indices of every shard, every image, stray files.
 
+    FOLDER may be an object store (s3://..., gs://...): the same checks, read through fsspec.
     Exit status 1 when there is any problem (each printed on its own line).
     """
     from synthgen.dataset import verify_dataset

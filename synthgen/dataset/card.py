@@ -19,7 +19,8 @@ from typing import Any, Optional
 from datasets import ClassLabel, Features, Image, Value
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from synthgen.dataset.writer import atomic_write_text
+from synthgen.dataset.storage import Store, open_store
+from synthgen.dataset.writer import parquet_uncompressed_bytes
 
 # --------------------------------------------------------------------------------------------------
 # license: the generator model's
@@ -176,33 +177,54 @@ def card_data(manifest: dict[str, Any], features: Features, num_bytes: int) -> D
 # --------------------------------------------------------------------------------------------------
 # body
 # --------------------------------------------------------------------------------------------------
-def class_counts(folder: Path, manifest: dict[str, Any]) -> Optional[Counter]:
-    """Images per label id, read from the shards' ``label`` column (None without labels)."""
+def _shards_store(folder: str | Path | Store | None) -> Optional[Store]:
+    return None if folder is None else open_store(folder, reading=True)
+
+
+def class_counts(folder: str | Path | Store | None, manifest: dict[str, Any]) -> Optional[Counter]:
+    """Images per label id (None without labels): from the ``label_counts`` the writer keeps in
+    each shard's marker (and so in the manifest), else from the shards' ``label`` column in
+    ``folder`` (a path, URL or store; a folder built before markers held the counts)."""
     import pyarrow.parquet as pq
 
     if manifest.get("class_names") is None:
         return None
+    shards = manifest["shards"]
     counts: Counter = Counter()
-    for shard in manifest["shards"]:
-        path = Path(folder) / shard["file"]
-        if not path.is_file():
+    if all(isinstance(s.get("label_counts"), dict) for s in shards):
+        for shard in shards:
+            counts.update({int(label): n for label, n in shard["label_counts"].items() if label != "None"})
+        return counts
+    store = _shards_store(folder)
+    if store is None:
+        return None
+    for shard in shards:
+        try:
+            with store.open_read(shard["file"]) as f:
+                counts.update(pq.read_table(f, columns=["label"]).column("label").to_pylist())
+        except FileNotFoundError:
             return None
-        counts.update(pq.read_table(path, columns=["label"]).column("label").to_pylist())
     return counts
 
 
-def uncompressed_bytes(folder: Optional[Path], manifest: dict[str, Any]) -> int:
-    """The shards' uncompressed size from their parquet footers (no data read); the files' size
-    when the shards are not at hand."""
+def uncompressed_bytes(folder: str | Path | Store | None, manifest: dict[str, Any]) -> int:
+    """The shards' uncompressed size: from their markers' ``uncompressed_bytes``, else from the
+    parquet footers in ``folder`` (no data read); the files' size when the shards are not at hand."""
     import pyarrow.parquet as pq
 
-    paths = [Path(folder) / s["file"] for s in manifest["shards"]] if folder is not None else []
-    if not paths or not all(p.is_file() for p in paths):
+    shards = manifest["shards"]
+    if shards and all(isinstance(s.get("uncompressed_bytes"), int) for s in shards):
+        return sum(s["uncompressed_bytes"] for s in shards)
+    store = _shards_store(folder)
+    if store is None or not shards:
         return int(manifest["bytes"])
     total = 0
-    for path in paths:
-        meta = pq.ParquetFile(path).metadata
-        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    for shard in shards:
+        try:
+            with store.open_read(shard["file"]) as f:
+                total += parquet_uncompressed_bytes(pq.ParquetFile(f).metadata)
+        except FileNotFoundError:
+            return int(manifest["bytes"])
     return total
 
 
@@ -259,14 +281,15 @@ def render_card(
     manifest: dict[str, Any],
     features: Features,
     *,
-    folder: Optional[str | Path] = None,
+    folder: str | Path | Store | None = None,
     repo_id: Optional[str] = None,
     tag: Optional[str] = None,
     preview: Optional[str] = None,
 ) -> DatasetCard:
     """The card of the dataset ``manifest`` describes.
 
-    ``folder`` (the build folder) gives per-class counts; ``repo_id``/``tag`` the published version
+    ``folder`` (the build folder: a path, URL or store) gives per-class counts where the manifest
+    does not hold them (folders built before it did); ``repo_id``/``tag`` the published version
     the card describes; ``preview`` the path (relative to the card) of the sample grid.
     """
     recipe = manifest["recipe"]
@@ -275,7 +298,7 @@ def render_card(
     out = recipe["output"]
     model = manifest.get("model", {})
     data = card_data(manifest, features, uncompressed_bytes(folder, manifest))
-    counts = class_counts(Path(folder), manifest) if folder is not None else None
+    counts = class_counts(folder, manifest)
     is_builtin = str(gen["model"]).startswith("builtin:")
     lines = [
         f"# {recipe['name']}",
@@ -358,9 +381,9 @@ def render_card(
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def write_card(folder: Path, manifest: dict[str, Any], features: Features) -> None:
-    """Write the build's card into ``folder`` (README.md), embedding ``preview.png`` if present."""
-    folder = Path(folder)
-    preview = "preview.png" if (folder / "preview.png").is_file() else None
-    card = render_card(manifest, features, folder=folder, preview=preview)
-    atomic_write_text(folder / "README.md", str(card))
+def write_card(folder: str | Path | Store, manifest: dict[str, Any], features: Features) -> None:
+    """Write the build's card into ``folder`` (README.md, written whole), embedding ``preview.png``
+    if the folder has one."""
+    store = open_store(folder)
+    preview = "preview.png" if store.exists("preview.png") else None
+    store.write_text("README.md", str(render_card(manifest, features, folder=store, preview=preview)))

@@ -21,10 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from synthgen.dataset.card import render_card, write_card
+from synthgen.dataset.card import write_card
 from synthgen.dataset.plan import ShardPlan, ShardSpec
 from synthgen.dataset.schema import dataset_features
-from synthgen.dataset.storage import FOLDER_LOCK, STATE_DIR, LocalStore, Store, disk_errors, open_store
+from synthgen.dataset.storage import FOLDER_LOCK, STATE_DIR, Store, disk_errors, open_store
 from synthgen.dataset.writer import ShardWriter
 from synthgen.errors import OutputFolderError, RecipeError, SynthgenError
 from synthgen.prompts.base import PromptSampler
@@ -410,8 +410,5 @@ def _write_manifest(build: BuildPlan, writer: ShardWriter, markers: list[dict]) 
     }
     store = build.store
     store.write_text(MANIFEST, json.dumps(manifest, indent=1))
-    if isinstance(store, LocalStore):
-        write_card(store.local, manifest, writer.features)
-    else:  # the card's per-class counts read local shards; an object store's card lists the classes only
-        store.write_text(CARD, str(render_card(manifest, writer.features)))
+    write_card(store, manifest, writer.features)  # per-class counts from the markers: no shard is read
     return manifest

@@ -1,34 +1,42 @@
-"""Reading a built dataset folder back: its manifest, one row, one row regenerated from its fields."""
+"""Reading a built dataset folder back (a local path or any fsspec URL, through its :class:`Store`):
+its manifest, one row, one row regenerated from its fields."""
 
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 from typing import Any, Optional
 
 from synthgen.dataset.folder import MANIFEST, PLAN_FILE
 from synthgen.dataset.plan import ShardPlan, ShardSpec
-from synthgen.dataset.storage import STATE_DIR
+from synthgen.dataset.storage import STATE_DIR, Store, open_store
 from synthgen.errors import SynthgenError
 
 
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        plan_file = Path(folder) / STATE_DIR / PLAN_FILE
-        if plan_file.is_file():
-            raise SynthgenError(
-                f"{folder} is an unfinished build (no {MANIFEST} yet): run the same build command to finish it"
-            )
-        raise SynthgenError(f"{folder} is not a synthgen dataset folder (no {MANIFEST})")
+def read_manifest(folder: str | Path | Store, storage_options: Optional[dict[str, Any]] = None) -> dict:
+    """The manifest of the built folder ``folder`` (a path, an fsspec URL or a store)."""
+    store = open_store(folder, storage_options, reading=True)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SynthgenError(f"{path} is unreadable ({exc}); run the same build command to rewrite it") from None
+        text = store.read_text(MANIFEST)
+    except FileNotFoundError:
+        if store.exists(f"{STATE_DIR}/{PLAN_FILE}"):
+            raise SynthgenError(
+                f"{store.display} is an unfinished build (no {MANIFEST} yet): run the same build command to finish it"
+            ) from None
+        raise SynthgenError(f"{store.display} is not a synthgen dataset folder (no {MANIFEST})") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise SynthgenError(f"{store.display}/{MANIFEST} is unreadable ({exc})") from None
+    try:
+        manifest = json.loads(text)
+        why = None if isinstance(manifest, dict) else "not a JSON object"
+    except ValueError as exc:
+        why = str(exc)
+    if why is not None:
+        raise SynthgenError(f"{store.display}/{MANIFEST} is unreadable ({why}); run the same build command to rewrite it")
+    return manifest
 
 
-def _manifest_shard(folder: Path, manifest: dict, index: int) -> tuple[ShardSpec, dict]:
+def _manifest_shard(folder: str, manifest: dict, index: int) -> tuple[ShardSpec, dict]:
     plan = ShardPlan(manifest["plan"]["total"], manifest["plan"]["per_shard"], manifest["plan"]["split"])
     if not 0 <= index < manifest.get("rows", plan.total):
         raise SynthgenError(f"index {index} out of range: the dataset has {manifest.get('rows', plan.total)} rows")
@@ -39,29 +47,34 @@ def _manifest_shard(folder: Path, manifest: dict, index: int) -> tuple[ShardSpec
     return spec, marker
 
 
-def read_row(folder: str | Path, index: int, manifest: Optional[dict] = None) -> dict:
-    """One row of a built dataset, by global index, straight from its shard (checked first)."""
+def read_row(folder: str | Path | Store, index: int, manifest: Optional[dict] = None,
+             storage_options: Optional[dict[str, Any]] = None) -> dict:
+    """One row of a built dataset (a path, URL or store), by global index, straight from its shard
+    (checked first: size, sha256 and indices against the manifest)."""
     import pyarrow.parquet as pq
 
-    from synthgen.dataset.writer import check_shard_file
+    from synthgen.dataset.writer import check_shard
 
-    folder = Path(folder)
-    manifest = manifest or read_manifest(folder)
-    spec, marker = _manifest_shard(folder, manifest, index)
-    problem = check_shard_file(folder / spec.filename, marker)
+    store = open_store(folder, storage_options, reading=True)
+    manifest = manifest or read_manifest(store)
+    spec, marker = _manifest_shard(store.display, manifest, index)
+    problem = check_shard(store, spec.filename, marker)
     if problem is not None:
         raise SynthgenError(
             f"shard {spec.filename} is damaged ({problem}); run `synthgen build` on the folder's recipe to rebuild it"
         )
-    table = pq.read_table(folder / spec.filename)
+    with store.open_read(spec.filename) as f:
+        table = pq.read_table(f)
     row = table.slice(index - spec.start, 1).to_pylist()[0]
     if row["index"] != index:
         raise SynthgenError(f"shard {spec.filename} is out of order at index {index}")
     return row
 
 
-def regenerate_row(folder: str | Path, index: int, loaded_pipeline: Any = None, row: Optional[dict] = None):
-    """Regenerate image ``index`` from its row's prompt and seed and the folder's recipe settings.
+def regenerate_row(folder: str | Path | Store, index: int, loaded_pipeline: Any = None, row: Optional[dict] = None,
+                   storage_options: Optional[dict[str, Any]] = None):
+    """Regenerate image ``index`` from its row's prompt and seed and the folder's recipe settings
+    (``folder``: a path, an fsspec URL or a store).
 
     Returns the PIL image at the stored size (before storage encoding, which for PNG is lossless).
     Refuses when the model (its resolved revision) or dtype differ from the ones the row was made with.
@@ -69,9 +82,10 @@ def regenerate_row(folder: str | Path, index: int, loaded_pipeline: Any = None, 
     from synthgen.generate import ImageGenerator, load_pipeline
     from synthgen.recipe import recipe_from_dict
 
-    manifest = read_manifest(folder)
-    recipe = recipe_from_dict(manifest["recipe"], source=f"{folder}/{MANIFEST}")
-    row = row or read_row(folder, index, manifest)
+    store = open_store(folder, storage_options, reading=True)
+    manifest = read_manifest(store)
+    recipe = recipe_from_dict(manifest["recipe"], source=f"{store.display}/{MANIFEST}")
+    row = row or read_row(store, index, manifest)
     if row["settings_hash"] != manifest["settings_hash"]:
         raise SynthgenError(f"row {index} was made with other settings ({row['settings_hash']}) than the manifest's")
     loaded = loaded_pipeline if loaded_pipeline is not None else load_pipeline(recipe.generator)

@@ -550,10 +550,14 @@ def public_url(url: str) -> str:
     return f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}"
 
 
-def open_store(out: str | Path, storage_options: Optional[dict[str, Any]] = None) -> Store:
+def open_store(out: "str | Path | Store", storage_options: Optional[dict[str, Any]] = None, *,
+               reading: bool = False) -> Store:
     """The store of the folder ``out``: a path or ``file://`` URL gives a :class:`LocalStore`,
-    any other fsspec URL an :class:`ObjectStore` (its bucket must exist). Raises one line when
-    the protocol is unknown, its package is not installed, or the bucket is missing."""
+    any other fsspec URL an :class:`ObjectStore` (its bucket must exist); a :class:`Store` is
+    returned as it is. Raises one line when the protocol is unknown, its package is not
+    installed, or the bucket is missing (``reading``: the folder is read, not built)."""
+    if isinstance(out, Store):
+        return out
     if not is_url(out):
         return LocalStore(Path(out))
     url = str(out)
@@ -584,6 +588,7 @@ def open_store(out: str | Path, storage_options: Optional[dict[str, Any]] = None
             found = fs.exists(bucket)
         if not found:
             raise OutputFolderError(
-                f"cannot use {shown}: bucket {bucket!r} does not exist (or these credentials cannot see it); create it first"
+                f"cannot use {shown}: bucket {bucket!r} does not exist (or these credentials cannot see it)"
+                + ("" if reading else "; create it first")
             )
     return store

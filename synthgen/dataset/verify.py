@@ -3,26 +3,37 @@
 Checks, against the manifest: every listed shard is there with its size and sha256; each shard is
 readable parquet holding exactly its rows (the ``index`` column is ``start .. stop-1``, so no row is
 missing or duplicated), made with the manifest's settings hash; the shards cover ``0 .. rows-1``
-without gaps; every image decodes; no other file in ``data/`` would load as extra rows; the card's
-row count matches. It reads every byte, so it is the slow, thorough check; a resume does the cheap
-part (size, sha256, indices) of finished shards on its own.
+without gaps; labels are class ids, as many per class as the manifest records; every image decodes;
+no other file in ``data/`` would load as extra rows; the card's row count and per-class counts
+match. It reads every byte, so it is the slow, thorough check; a resume does the cheap part (size,
+sha256, indices) of finished shards on its own.
+
+The folder is a local path or any fsspec URL (``s3://bucket/ds``), read through its
+:class:`~synthgen.dataset.storage.Store`: the same checks either way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from synthgen.dataset.folder import MANIFEST, PLAN_FILE
+from synthgen.dataset.folder import CARD, MANIFEST, PLAN_REL
 from synthgen.dataset.read import read_manifest
-from synthgen.dataset.writer import STATE_DIR, TMP_PREFIX, file_sha256
+from synthgen.dataset.storage import TMP_PREFIX, Store, open_store
+from synthgen.dataset.writer import label_counts
+
+# a row of the card's class table: "| 3 | cat | 1,204 |"
+CARD_CLASS_ROW = re.compile(r"^\| (\d+) \| .* \| ([\d,]+) \|$", re.M)
 
 
 @dataclass
 class VerifyReport:
-    folder: Path
+    folder: Path | str  # a path, or the URL without credentials
     rows: int = 0  # rows found in readable shards
     shards: int = 0  # shards checked
     images_decoded: int = 0
@@ -35,43 +46,53 @@ class VerifyReport:
 
 
 def verify_dataset(
-    folder: str | Path, decode: bool = True, progress: Optional[Callable[[int], None]] = None
+    folder: str | Path | Store,
+    decode: bool = True,
+    progress: Optional[Callable[[int], None]] = None,
+    *,
+    storage_options: Optional[dict[str, Any]] = None,
 ) -> VerifyReport:
-    """Check ``folder`` (see the module doc); problems are listed in the report, never raised.
+    """Check ``folder`` (a path, an fsspec URL opened with ``storage_options``, or a store; see the
+    module doc); problems are listed in the report, never raised.
 
-    Raises :class:`~synthgen.errors.SynthgenError` only when the folder is no synthgen dataset at all.
+    Raises :class:`~synthgen.errors.SynthgenError` only when the folder cannot be opened (unknown
+    protocol, its package missing, no such bucket) or is no synthgen dataset at all.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = Path(folder)
-    report = VerifyReport(folder)
-    if not (folder / MANIFEST).is_file():
-        if (folder / STATE_DIR / PLAN_FILE).is_file():
-            report.problems.append(f"no {MANIFEST}: an unfinished build (run the same build command to finish it)")
-            return report
-    manifest = read_manifest(folder)  # raises for a folder that is no dataset
+    store = open_store(folder, storage_options, reading=True)
+    report = VerifyReport(store.local if store.local is not None else store.display)
+    if not store.exists(MANIFEST) and store.exists(PLAN_REL):
+        report.problems.append(f"no {MANIFEST}: an unfinished build (run the same build command to finish it)")
+        return report
+    manifest = read_manifest(store)  # raises for a folder that is no dataset
     listed = manifest.get("shards") or []
     settings_hash = manifest.get("settings_hash")
     class_count = len(manifest["class_names"]) if manifest.get("class_names") else None
+    labels_seen: Optional[Counter] = Counter() if class_count is not None else None
     expected_start = 0
     for entry in listed:
         name = entry.get("file", "?")
-        path = folder / name
         report.shards += 1
         if entry.get("start") != expected_start:
             report.problems.append(f"{name}: starts at row {entry.get('start')}, expected {expected_start} (a gap or overlap)")
         expected_start = entry.get("stop", expected_start)
-        if not path.is_file():
+        try:
+            data = store.read_bytes(name)  # once: hashed, then parsed from memory
+        except (FileNotFoundError, IsADirectoryError):
             report.problems.append(f"{name}: missing")
+            labels_seen = None  # the card's counts cannot be checked without every shard
             continue
-        if path.stat().st_size != entry.get("bytes"):
-            report.problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {entry.get('bytes')}")
-        elif file_sha256(path) != entry.get("sha256"):
+        if len(data) != entry.get("bytes"):
+            report.problems.append(f"{name}: {len(data)} bytes, the manifest says {entry.get('bytes')}")
+        elif hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             report.problems.append(f"{name}: sha256 differs from the manifest (the file changed after it was written)")
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(data))
         except Exception as exc:  # pyarrow raises several types for a damaged file
             report.problems.append(f"{name}: unreadable parquet ({str(exc).splitlines()[0][:160]})")
+            labels_seen = None
             continue
         indices = table.column("index").to_pylist()
         report.rows += len(indices)
@@ -89,6 +110,11 @@ def verify_dataset(
             labels = table.column("label").to_pylist()
             if any(label is None or not 0 <= label < class_count for label in labels):
                 report.problems.append(f"{name}: labels outside 0..{class_count - 1}")
+            recorded = entry.get("label_counts")  # absent in folders built before markers held it
+            if recorded is not None and recorded != label_counts(labels):
+                report.problems.append(f"{name}: its labels are not the per-class counts the manifest records")
+            if labels_seen is not None:
+                labels_seen.update(labels)
         if decode:
             bad = _undecodable(table, entry.get("start", 0))
             report.images_decoded += table.num_rows - len(bad)
@@ -98,8 +124,8 @@ def verify_dataset(
             progress(table.num_rows)
     if manifest.get("rows") != report.rows or expected_start != manifest.get("rows"):
         report.problems.append(f"the manifest says {manifest.get('rows')} rows; the shards hold {report.rows}")
-    _check_data_folder(folder, {e.get("file") for e in listed}, report)
-    _check_card(folder, manifest, report)
+    _check_data_folder(store.listing("data"), {e.get("file") for e in listed}, report)
+    _check_card(store, manifest, labels_seen, report)
     return report
 
 
@@ -116,35 +142,46 @@ def _undecodable(table, start: int) -> list[int]:
     return bad
 
 
-def _check_data_folder(folder: Path, listed: set, report: VerifyReport) -> None:
-    data = folder / "data"
-    for path in sorted(data.iterdir()) if data.is_dir() else []:
-        rel = f"data/{path.name}"
+def _check_data_folder(names: dict[str, int], listed: set, report: VerifyReport) -> None:
+    for name in sorted(names):
+        rel = f"data/{name}"
         if rel in listed:
             continue
-        if path.name.startswith(TMP_PREFIX):
+        if name.startswith(TMP_PREFIX):
             report.notes.append(f"{rel}: a temp file of an interrupted run (the next build removes it)")
         else:
             report.problems.append(f"{rel}: not a shard of this dataset (it would load as extra rows)")
 
 
-def _check_card(folder: Path, manifest: dict, report: VerifyReport) -> None:
+def _check_card(store: Store, manifest: dict, labels: Optional[Counter], report: VerifyReport) -> None:
+    """The card's row count, and its per-class counts against the labels the shards hold."""
     import yaml
 
-    card = folder / "README.md"
-    if not card.is_file():
-        report.problems.append("README.md (the dataset card) is missing")
+    try:
+        text = store.read_bytes(CARD).decode("utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        report.problems.append(f"{CARD} (the dataset card) is missing")
         return
-    text = card.read_text(encoding="utf-8", errors="replace")
     try:
         header = yaml.safe_load(text.split("---\n", 2)[1]) if text.startswith("---\n") else None
         splits = header["dataset_info"]["splits"]
         rows = sum(int(s["num_examples"]) for s in splits)
     except (IndexError, KeyError, TypeError, ValueError, yaml.YAMLError):
-        report.problems.append("README.md has no readable dataset_info splits")
+        report.problems.append(f"{CARD} has no readable dataset_info splits")
         return
     if rows != manifest.get("rows"):
-        report.problems.append(f"README.md says {rows} rows; the manifest says {manifest.get('rows')}")
+        report.problems.append(f"{CARD} says {rows} rows; the manifest says {manifest.get('rows')}")
+    if labels is None:
+        return
+    table = {int(label): int(n.replace(",", "")) for label, n in CARD_CLASS_ROW.findall(text)}
+    if not table:
+        report.notes.append(f"{CARD} lists no per-class counts (a card written before synthgen counted them)")
+        return
+    expected = {i: labels.get(i, 0) for i in range(len(manifest["class_names"]))}
+    if table != expected:
+        wrong = sorted(i for i in set(table) | set(expected) if table.get(i) != expected.get(i))
+        report.problems.append(f"{CARD}: per-class counts differ from the shards' labels (label {wrong[0]}"
+                               + (f" and {len(wrong) - 1} more)" if len(wrong) > 1 else ")"))
 
 
 def format_report(report: VerifyReport) -> list[str]:

@@ -11,7 +11,8 @@ A shard counts as done only when its file matches its marker: size and sha256, a
 truncated or swapped shard is rebuilt instead of trusted. A cheaper check (:meth:`ShardWriter.marked`:
 the marker is there and the file has its size) is what processes use for shards another process
 made. Each marker also records the model provenance and settings hash of its rows, so the manifest
-can be rebuilt from markers alone.
+can be rebuilt from markers alone, with what the dataset card needs (images per label, the
+uncompressed size), counted while the shard is in memory, so the card never reads shards back.
 
 Writing a shard is two steps a pipelined writer overlaps with generation (``shard_task.py``):
 :meth:`ShardWriter.encode` (images -> resized to the stored size -> encoded -> an arrow table, CPU
@@ -24,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -102,11 +104,6 @@ def check_shard(store: Store, rel: str, marker: dict[str, Any]) -> Optional[str]
     return _CHECKED[key]
 
 
-def check_shard_file(path: Path, marker: dict[str, Any]) -> Optional[str]:
-    """:func:`check_shard` for a local file."""
-    return check_shard(LocalStore(path.parent), path.name, marker)
-
-
 def _remember_written(store: Store, rel: str, marker: dict[str, Any]) -> None:
     """A shard this process just wrote matches its marker: no need to read it back."""
     version = store.version(rel)
@@ -126,6 +123,18 @@ def _check_contents(store: Store, rel: str, marker: dict[str, Any]) -> Optional[
     if indices != expected:
         return f"holds rows {_span(indices)}, expected {_span(expected)}"
     return None
+
+
+def label_counts(labels: Iterable[Optional[int]]) -> dict[str, int]:
+    """Images per label id, as a marker stores it: ``{"0": 3, "7": 1}`` (JSON keys are strings;
+    labels with no image are left out, so a shard of one class stays small)."""
+    counts = Counter(labels)
+    return {str(label): counts[label] for label in sorted(counts, key=lambda x: (x is None, x))}
+
+
+def parquet_uncompressed_bytes(metadata: pq.FileMetaData) -> int:
+    """A parquet file's uncompressed size, from its footer (the card's ``num_bytes``)."""
+    return sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
 
 
 def _span(indices: Sequence[int]) -> str:
@@ -309,6 +318,10 @@ class ShardWriter:
         data = buffer.getvalue()
         retries = table.column("retries").to_pylist()
         self.store.write_bytes(spec.filename, data)
+        # what the card needs, kept in the marker so that no one reads the shards again for it
+        summary: dict[str, Any] = {"uncompressed_bytes": parquet_uncompressed_bytes(pq.read_metadata(pa.BufferReader(data)))}
+        if self.has_labels:
+            summary["label_counts"] = label_counts(table.column("label").to_pylist())
         info = {
             "shard": spec.name,
             "file": spec.filename,
@@ -319,6 +332,7 @@ class ShardWriter:
             "sha256": hashlib.sha256(data).hexdigest(),
             "retries": sum(retries),
             "retried_images": sum(1 for r in retries if r),
+            **summary,
             "settings_hash": self.settings_hash,
             **(extra or {}),
         }
