@@ -336,6 +336,14 @@ def test_incomplete_or_corrupt_folder_is_refused(fake_hub, v1, capsys, case):
     assert fake_hub.requests == []  # refused before any call
 
 
+@pytest.mark.parametrize("url", ["s3://bucket/ds", "memory://ds"])
+def test_an_object_store_folder_is_refused_with_what_to_do(fake_hub, capsys, url):
+    code, _, err = cli(capsys, "push", url, "org/demo")
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: push needs a local folder, got {url}: copy it first"), err
+    assert fake_hub.requests == []
+
+
 @pytest.mark.parametrize("repo_id", ["org/na me", "a/b/c", "demo", "org/--x", "org/x.git"])
 def test_malformed_repo_id_is_refused(fake_hub, v1, capsys, repo_id):
     code, _, err = cli(capsys, "push", v1, repo_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -13,7 +12,7 @@ from synthgen.cli.output import console
 
 @app.command()
 def push(
-    folder: Path = typer.Argument(..., help="A dataset folder from `synthgen build`, or a save_pretrained model folder."),
+    folder: str = typer.Argument(..., help="A local dataset folder from `synthgen build`, or a save_pretrained model folder."),
     repo_id: str = typer.Argument(..., help="The Hub repo, as namespace/name (created if missing)."),
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Tag the pushed revision, e.g. v1.0.0 (never moved once published)."),
     private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its visibility)."),

@@ -23,6 +23,11 @@ def push(folder: str | Path, repo_id: str, *, datasets: Optional[list[str]] = No
     from synthgen.dataset.build import MANIFEST, PLAN_FILE
     from synthgen.dataset.writer import STATE_DIR
 
+    from synthgen.dataset.storage import is_url
+
+    if is_url(folder):  # the upload links the shards into a local staging folder
+        raise SynthgenError(f"push needs a local folder, got {folder}: copy it first "
+                            f"(e.g. `aws s3 sync {folder} ./ds`), then `synthgen push ./ds {repo_id}`")
     folder = Path(folder)
     if not folder.is_dir():
         raise SynthgenError(f"{folder} is not a folder")
