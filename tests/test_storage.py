@@ -165,3 +165,18 @@ def test_a_bad_storage_url_is_one_line_and_writes_nothing(s3, fs, capsys, url, m
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert objects(fs, "") == before
+
+
+def test_an_unreachable_endpoint_says_so_not_no_bucket(monkeypatch, capsys):
+    """s3fs's exists() answers False when it cannot connect; the error names the connection."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # not one cached for the moto server of other tests
+    assert cli_main(["verify", "s3://some-bucket/ds"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: storage error at s3://some-bucket/ds"), err
+    assert "EndpointConnectionError" in err[0] and "does not exist" not in err[0], err

@@ -584,8 +584,12 @@ def open_store(out: "str | Path | Store", storage_options: Optional[dict[str, An
     store = ObjectStore(fs, root, shown.rstrip("/"))
     bucket = root.split("/", 1)[0]
     if bucket and not root.startswith("/"):  # bucket-based stores (s3, gs, az...), not memory://
-        with store._errors():
-            found = fs.exists(bucket)
+        try:
+            with store._errors():  # info, not exists: exists reports an unreachable endpoint as "no bucket"
+                fs.info(bucket)
+            found = True
+        except FileNotFoundError:
+            found = False
         if not found:
             raise OutputFolderError(
                 f"cannot use {shown}: bucket {bucket!r} does not exist (or these credentials cannot see it)"
