@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
-pytestmark = pytest.mark.skipif(
-    not CIFAR.is_dir(), reason=f"real CIFAR-10 folder not found at {CIFAR} (../shared beside the clone)"
-)
+pytestmark = [
+    pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real CIFAR-10 folder not found at {CIFAR} (../shared beside the clone)"),
+    # tiny kernels gain nothing from threads; on shared cores OpenMP spin-waiting slows them
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PERMUTED = ["truck", "cat", "ship", "airplane", "frog", "horse", "bird", "deer", "automobile", "dog"]
 README = """---
@@ -26,14 +27,6 @@ configs:
 """
 SMALL = ["model=resnet20", "epochs=1", "batch_size=64", "real_fit=300", "real_val=100", "limit_real_test=200"]
 FAST = [a for kv in SMALL for a in ("--set", kv)] + ["--threads", "1", "-q"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

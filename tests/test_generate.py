@@ -40,14 +40,8 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models' kernels are too small to gain from threads; with 2 threads on shared cores,
-    OpenMP spin-waiting made a 4-step batch 10-50x slower. One thread keeps the file fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny kernels gain nothing from threads; on shared cores OpenMP spin-waiting slows them
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,6 @@ CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
 needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real CIFAR-10 folder not found at {CIFAR} (../shared beside the clone)")
 
 
-@pytest.fixture
-def one_thread():
-    # 2-core CI machines run several test processes at once; OpenMP with 2 threads then crawls.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------- models
 
 
@@ -163,7 +154,7 @@ def test_parquet_file_and_mixed_sizes(tmp_path):
 
 
 @needs_cifar
-def test_classifier_is_deterministic_and_learns(one_thread):
+def test_classifier_is_deterministic_and_learns(one_torch_thread):
     from synthgen.train.callbacks import EarlyStopping, ReduceLROnPlateau
     from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
     from synthgen.train.data import load_image_dataset, split_train_val
@@ -209,7 +200,7 @@ def test_compile_modes_resolve_per_device_and_reject_unknown_names():
 
 
 @needs_cifar
-def test_auto_compile_leaves_cpu_training_eager(monkeypatch, one_thread):
+def test_auto_compile_leaves_cpu_training_eager(monkeypatch, one_torch_thread):
     """compile="auto" (the CAS default) must not pay a torch.compile on a CPU."""
     from synthgen.train.classify import TrainConfig, train_classifier
     from synthgen.train.data import load_image_dataset, split_train_val
@@ -227,7 +218,7 @@ def test_auto_compile_leaves_cpu_training_eager(monkeypatch, one_thread):
 
 
 @needs_cifar
-def test_streamed_batches_match_the_decoded_tensor(one_thread):
+def test_streamed_batches_match_the_decoded_tensor(one_torch_thread):
     """The stream yields the same images and labels as the in-memory path (in order), and a full
     shuffled epoch visits every row once; a classifier trains from it."""
     from synthgen.train.classify import TrainConfig, train_classifier
