@@ -23,8 +23,7 @@ from synthgen.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 6
-# The demo recipe, shrunk: 6 shards of 4 images, each shard ~1 s on a CPU core (slow enough that a
-# rank starting a few seconds late still makes its own first shard: helpers work from the end).
+# The demo recipe, shrunk: 6 shards of 4 images, each shard ~1 s on a CPU core.
 SETTINGS = ["count=24", "output.images_per_shard=4", "generator.steps=12", "generator.height=32",
             "generator.width=32", "generator.batch_size=2", "generator.device=cpu"]
 # Every process on one torch thread (torchrun's and Ray's default): the reference matches bit for bit.
@@ -148,6 +147,17 @@ LAUNCHERS = {
 }
 
 
+def assert_owners_from_the_front_helpers_from_the_end(workers: dict[int, tuple]) -> None:
+    """Shard i belongs to rank i % 2, which makes its share from the front; the other rank, once
+    done with its own, helps from the end. Whatever the timing (a rank that starts late may be
+    helped with all of its share), each share splits into a prefix made by its owner and a suffix
+    made by the helper."""
+    for owner in (0, 1):
+        makers = [workers[i][1] for i in range(owner, SHARDS, 2)]
+        helped = makers.index(1 - owner) if 1 - owner in makers else len(makers)
+        assert makers == [owner] * helped + [1 - owner] * (len(makers) - helped), (owner, makers)
+
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_launched_ranks_split_the_shards_and_equal_a_one_process_build(tmp_path, reference, launcher):
     out = tmp_path / "ds"
@@ -159,9 +169,8 @@ def test_two_launched_ranks_split_the_shards_and_equal_a_one_process_build(tmp_p
     assert "rank 0/2:" in run.stdout and "rank 1/2:" in run.stdout
     made = markers(out)
     workers = {i: (m["worker"]["executor"], m["worker"]["rank"], m["worker"]["world_size"]) for i, m in made.items()}
-    # each rank starts with its own share (shard i belongs to rank i % 2); helpers take shards from the end
-    assert workers[0] == ("ranks", 0, 2) and workers[1] == ("ranks", 1, 2)
-    assert {rank for _, rank, _ in workers.values()} == {0, 1}
+    assert sorted(workers) == list(range(SHARDS)) and {(e, w) for e, _, w in workers.values()} == {("ranks", 2)}
+    assert_owners_from_the_front_helpers_from_the_end(workers)
     assert_exact_dataset(out, reference)
     manifest = json.loads((out / "synthgen_manifest.json").read_text())
     assert manifest["rows"] == 24 and manifest["complete"]

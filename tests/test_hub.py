@@ -5,6 +5,8 @@ builder with the tiny pipeline."""
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -488,14 +490,16 @@ def test_backoff_honours_retry_after_and_only_retries_transient_errors():
     from email.utils import format_datetime
     from datetime import datetime, timedelta, timezone
 
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError
+
+    # the HTTP client of the installed huggingface_hub: httpx2 from 2.x on, httpx in 1.x
+    http = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
 
     from synthgen.hub.retry import is_transient, with_retries
 
     def error(status: int, retry_after: str | None = None) -> HfHubHTTPError:
         headers = {"Retry-After": retry_after} if retry_after else {}
-        response = httpx2.Response(status, headers=headers, request=httpx2.Request("POST", "http://hub/commit"))
+        response = http.Response(status, headers=headers, request=http.Request("POST", "http://hub/commit"))
         return HfHubHTTPError("boom", response=response)
 
     backoff = Backoff(attempts=4, base=1.0, cap=3.0)
@@ -504,7 +508,7 @@ def test_backoff_honours_retry_after_and_only_retries_transient_errors():
     later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert 25 <= backoff.delay(0, error(503, later)) <= 30
     assert is_transient(error(429)) and is_transient(error(502)) and not is_transient(error(404))
-    assert is_transient(httpx2.RemoteProtocolError("dropped")) and not is_transient(ValueError("x"))
+    assert is_transient(http.RemoteProtocolError("dropped")) and not is_transient(ValueError("x"))
 
     calls, slept = [], []
 

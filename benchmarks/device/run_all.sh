@@ -21,6 +21,8 @@
 # benchmarks/results/ here.
 # Prove it HERE first, on the CPU at small sizes (several minutes; nothing is installed):
 #   DEVICE=cpu SMALL=1 OUT=/tmp/out-dev bash benchmarks/device/run_all.sh
+# and with the GPU image's package versions and only the carried wheels (simulate_image.sh):
+#   bash benchmarks/device/simulate_image.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STAGES=${STAGES:-cas,sd}
