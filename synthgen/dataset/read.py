@@ -51,20 +51,16 @@ def read_row(folder: str | Path | Store, index: int, manifest: Optional[dict] = 
              storage_options: Optional[dict[str, Any]] = None) -> dict:
     """One row of a built dataset (a path, URL or store), by global index, straight from its shard
     (checked first: size, sha256 and indices against the manifest)."""
-    import pyarrow.parquet as pq
-
-    from synthgen.dataset.writer import check_shard
+    from synthgen.dataset.writer import read_checked_shard
 
     store = open_store(folder, storage_options, reading=True)
     manifest = manifest or read_manifest(store)
     spec, marker = _manifest_shard(store.display, manifest, index)
-    problem = check_shard(store, spec.filename, marker)
+    problem, table = read_checked_shard(store, spec.filename, marker)
     if problem is not None:
         raise SynthgenError(
             f"shard {spec.filename} is damaged ({problem}); run `synthgen build` on the folder's recipe to rebuild it"
         )
-    with store.open_read(spec.filename) as f:
-        table = pq.read_table(f)
     row = table.slice(index - spec.start, 1).to_pylist()[0]
     if row["index"] != index:
         raise SynthgenError(f"shard {spec.filename} is out of order at index {index}")

@@ -93,15 +93,51 @@ def check_shard(store: Store, rel: str, marker: dict[str, Any]) -> Optional[str]
     copied, garbled, truncated or swapped shard is caught even when its marker was edited to match.
     """
     version = store.version(rel)
-    if version is None:
-        return "file missing"
-    size = version[0]
-    if size != marker.get("bytes"):
-        return f"size {size} bytes, marker says {marker.get('bytes')}"
+    problem = _size_problem(version, marker)
+    if problem is not None:
+        return problem
     key = (store.display, rel, version, marker.get("sha256"), marker.get("start"), marker.get("stop"))
     if key not in _CHECKED:
         _CHECKED[key] = _check_contents(store, rel, marker)
     return _CHECKED[key]
+
+
+def read_checked_shard(store: Store, rel: str, marker: dict[str, Any]) -> tuple[Optional[str], Optional[pa.Table]]:
+    """The shard ``rel`` read once and checked as :func:`check_shard` checks it: ``(problem, None)``,
+    or ``(None, its table)`` -- for a caller that needs the rows anyway (one download from an object
+    store instead of a checking pass and a reading pass)."""
+    problem = _size_problem(store.version(rel), marker)
+    if problem is not None:
+        return problem, None
+    data = store.read_bytes(rel)
+    if hashlib.sha256(data).hexdigest() != marker.get("sha256"):
+        return "sha256 differs from its marker", None
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+        indices = table.column("index").to_pylist()
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        return _unreadable(exc), None
+    problem = _index_problem(indices, marker)
+    return problem, table if problem is None else None
+
+
+def _size_problem(version: Optional[tuple], marker: dict[str, Any]) -> Optional[str]:
+    if version is None:
+        return "file missing"
+    if version[0] != marker.get("bytes"):
+        return f"size {version[0]} bytes, marker says {marker.get('bytes')}"
+    return None
+
+
+def _unreadable(exc: BaseException) -> str:
+    return f"unreadable parquet ({str(exc).splitlines()[0][:120]})"
+
+
+def _index_problem(indices: list[int], marker: dict[str, Any]) -> Optional[str]:
+    expected = list(range(marker.get("start", -1), marker.get("stop", -1)))
+    if indices != expected:
+        return f"holds rows {_span(indices)}, expected {_span(expected)}"
+    return None
 
 
 def _remember_written(store: Store, rel: str, marker: dict[str, Any]) -> None:
@@ -118,11 +154,8 @@ def _check_contents(store: Store, rel: str, marker: dict[str, Any]) -> Optional[
         with store.open_read(rel) as f:
             indices = pq.read_table(f, columns=["index"]).column("index").to_pylist()
     except (OSError, pa.ArrowException) as exc:
-        return f"unreadable parquet ({str(exc).splitlines()[0][:120]})"
-    expected = list(range(marker.get("start", -1), marker.get("stop", -1)))
-    if indices != expected:
-        return f"holds rows {_span(indices)}, expected {_span(expected)}"
-    return None
+        return _unreadable(exc)
+    return _index_problem(indices, marker)
 
 
 def label_counts(labels: Iterable[Optional[int]]) -> dict[str, int]:
