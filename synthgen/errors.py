@@ -13,5 +13,9 @@ class RecipeError(SynthgenError):
     """The recipe is malformed or asks for something impossible."""
 
 
+class ModelNotFoundError(SynthgenError):
+    """A recipe's ``generator.model`` names a local folder that does not exist."""
+
+
 class OutputFolderError(SynthgenError):
     """The output folder holds something that this build must not touch."""

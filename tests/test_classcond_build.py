@@ -196,3 +196,16 @@ def test_class_prompts_for_a_text_to_image_model_are_refused(tiny_pipeline_path)
             "generator": {"model": str(tiny_pipeline_path)}}
     with pytest.raises(SynthgenError, match="needs a class-conditioned pipeline; generator.model .* is a StableDiffusionPipeline"):
         build_sampler(recipe_from_dict(data))
+
+
+
+def test_a_missing_pipeline_folder_names_the_command_that_makes_it(tmp_path, capsys):
+    from synthgen.cli import main
+
+    recipe = write_recipe(tmp_path / "cc.yaml", tmp_path / "runs" / "pipeline")
+    assert main(["build", str(recipe), "--out", str(tmp_path / "ds"), "--dry-run"]) == 0  # the plan needs no model
+    capsys.readouterr()
+    assert main(["build", str(recipe), "--out", str(tmp_path / "ds"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model folder not found" in err[0] and "`synthgen classcond run`" in err[0], err
+    assert not (tmp_path / "ds").exists()

@@ -36,6 +36,7 @@ from synthgen.dataset.folder import BuildPlan, finalize, prepare_folder, remove_
 from synthgen.dataset.plan import ShardSpec
 from synthgen.dataset.storage import Claim
 from synthgen.dataset.writer import ShardRow, ShardWriter
+from synthgen.errors import ModelNotFoundError
 
 # QUEUED: generated and handed to a PipelinedWriter, which gives the WRITTEN outcome when done
 WRITTEN, SKIPPED, BUSY, QUEUED = "written", "skipped", "busy", "queued"
@@ -101,7 +102,13 @@ class ShardMaker:
         cfg = recipe.generator
         if self.device is not None and self.device != cfg.device:
             cfg = cfg.model_copy(update={"device": self.device})  # a runtime field: hashes unchanged
-        loaded = self.loaded if self.loaded is not None else load_pipeline(cfg)
+        try:
+            loaded = self.loaded if self.loaded is not None else load_pipeline(cfg)
+        except ModelNotFoundError as exc:
+            if recipe.prompts.kind != "classes":
+                raise
+            raise ModelNotFoundError(f"{exc}: a class-conditioned recipe needs the pipeline that "
+                                     "`synthgen classcond run` saves (or a Hub id)") from None
         model = loaded.provenance()  # model, resolved revision, scheduler, device, dtype, versions
         self.writer.settings_hash = recipe.settings_hash(model)
         prepare_folder(self.build, self.writer, model)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from synthgen.errors import SynthgenError
+from synthgen.errors import ModelNotFoundError, SynthgenError
 from synthgen.provenance import library_versions
 from synthgen.paths import cache_dir
 from synthgen.recipe import GeneratorConfig
@@ -212,7 +212,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_local_path(model: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else path-shaped is a local folder."""
     return (
         model.startswith((".", "/", "~"))
@@ -343,9 +343,9 @@ def resolve_model(cfg: GeneratorConfig) -> tuple[Path, str]:
         _check_pinned(model, fp, cfg.revision)
         return path, "sha256:" + fp
     path = Path(os.path.expanduser(model))
-    if path.exists() or _looks_like_path(model):
+    if path.exists() or looks_like_local_path(model):
         if not path.is_dir():
-            raise SynthgenError(f"model folder not found: {model}")
+            raise ModelNotFoundError(f"model folder not found: {model}")
         if not (path / "model_index.json").is_file():
             raise SynthgenError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
         fp = local_fingerprint(path)
