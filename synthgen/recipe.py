@@ -7,8 +7,10 @@ stored). Unknown keys, wrong types and impossible values are rejected with one l
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import typing
 import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
@@ -380,24 +382,50 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+        raise RecipeError(f"{source}: {format_validation_error(exc, Recipe)}") from None
 
 
 _PROMPT_KINDS = {"wordnet", "captions", "combinatorial", "classes"}  # PromptsConfig's discriminator tags
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line naming the key of each problem: ``generator.steps: must be >= 1 (got -3)``."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation can hold (through Optional, Union, Annotated, list, dict)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _tag_values(model: type[BaseModel]) -> set[Any]:
+    return {v for f in model.model_fields.values() if typing.get_origin(f.annotation) is Literal
+            for v in typing.get_args(f.annotation)}
+
+
+def _did_you_mean(model: type[BaseModel], loc: Sequence[Any]) -> str:
+    """`` (did you mean train_limit?)`` for an unknown key ``loc[-1]`` close to a field where it stands."""
+    models = [model]
+    for part in loc[:-1]:
+        inner = [m for cls in models if part in cls.model_fields for m in _models_in(cls.model_fields[part].annotation)]
+        # not a field: a union's tag (keep the member it names), a list index or a dict key (keep them all)
+        models = inner or [cls for cls in models if part in _tag_values(cls)] or models
+    names = sorted({name for cls in models for name in cls.model_fields})
+    close = difflib.get_close_matches(str(loc[-1]), names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def format_validation_error(exc: ValidationError, model: Optional[type[BaseModel]] = None) -> str:
+    """One line naming the key of each problem: ``generator.steps: must be >= 1 (got -3)``; an
+    unknown key of ``model`` also names the known keys close to it."""
     parts = []
     for err in exc.errors():
         # Drop the discriminator tag pydantic puts in the path (prompts.wordnet.classes -> prompts.classes)
         loc = [str(p) for p in err["loc"]]
+        hint = _did_you_mean(model, err["loc"]) if model is not None and err["type"] == "extra_forbidden" else ""
         if loc[:1] == ["prompts"] and len(loc) > 1 and loc[1] in _PROMPT_KINDS:
             del loc[1]
         key = ".".join(loc) or "recipe"
         kind = err["type"]
         if kind == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + hint
         elif kind == "missing":
             msg = "missing required key"
         else:

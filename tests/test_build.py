@@ -292,7 +292,7 @@ def test_bad_input_is_one_clear_line(tmp_path, case, tiny_pipeline_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert not out.exists(), "a failed build must leave no folder behind"
     if case == "unknown-key":
-        assert "generator.guidance" in lines[0]
+        assert "generator.guidance: unknown key (did you mean guidance_scale?)" in lines[0]
     if case == "negative-count":
         assert "count" in lines[0]
 
@@ -357,3 +357,18 @@ def test_set_override():
     recipe = load_recipe("demo", ["generator.guidance_scale=3.5", "output.image_format=jpeg"])
     assert recipe.generator.guidance_scale == 3.5 and recipe.output.image_format == "jpeg"
     assert recipe.settings_hash() != load_recipe("demo").settings_hash()
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("generator.step", " (did you mean steps?)"),
+    ("prompts.clases", " (did you mean classes?)"),  # through the prompts union, to the wordnet member's fields
+    ("prompts.images_per_captions", ""),  # close to a key of the captions member only: not for a wordnet recipe
+    ("output.zzz", ""),
+])
+def test_an_unknown_key_names_the_known_keys_close_to_it(key, hint):
+    from synthgen.errors import RecipeError
+    from synthgen.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(changed(SMALL, **{key: 1}))
+    assert str(info.value).endswith(f"{key}: unknown key{hint}"), str(info.value)

@@ -173,7 +173,7 @@ def test_bad_inputs_fail_before_training(tmp_path, cifar_rows, capsys, monkeypat
     assert "x0" not in line and "less than one scale unit (300 images)" in line
     big = write_folder(tmp_path / "big", cifar_rows, NAMES, n=400)
     _expect_error(["cas", str(big), "--scales", "1,2", *real], capsys, monkeypatch, r"scale x2 needs 600 .*largest scale it serves is x1")
-    _expect_error(["cas", str(good), *real, "--set", "modle=resnet20"], capsys, monkeypatch, r"modle: unknown key")
+    _expect_error(["cas", str(good), *real, "--set", "modle=resnet20"], capsys, monkeypatch, r"modle: unknown key \(did you mean model\?\)")
     _expect_error(["cas", str(good), *real, "--protocol", "no-such-protocol"], capsys, monkeypatch, r"unknown training recipe")
     _expect_error(["cas", str(good), *real, "--protocol", "rotation-vit-demo"], capsys, monkeypatch, r"not a CAS protocol")
     _expect_error(["cas", str(good), *real, "--set", "real_fit=49000", "--set", "real_val=2000"], capsys, monkeypatch,

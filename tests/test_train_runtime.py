@@ -259,7 +259,7 @@ def test_stablerep_recipe_follows_the_authors_code():
 def test_unknown_protocol_field_and_source_without_labels(tmp_path, capsys):
     nolabel = _folder(tmp_path / "runtime-nolabel-12", 12, with_label=False)
     rc, _, err = _cli(["cas", str(nolabel), "--real", str(CIFAR10), "--set", "plateau.patiense=3"], capsys)
-    assert rc == 1 and "plateau.patiense: unknown key" in err and err.count("\n") == 1
+    assert rc == 1 and "plateau.patiense: unknown key (did you mean patience?)" in err and err.count("\n") == 1
     rc, _, err = _cli(["evaluate", "--dataset", str(nolabel), "--model", "pixels", "--protocol", "knn", "-q",
                        "--out", str(tmp_path / "r.json")], capsys)
     assert rc == 1 and "no label column" in err and err.count("\n") == 1, err

@@ -80,4 +80,4 @@ def validate_config(cls: type[StageConfig], config: StageConfig | dict | None) -
     except ValidationError as exc:
         from synthgen.recipe import format_validation_error
 
-        raise SynthgenError(f"{cls.__name__}: {format_validation_error(exc)}") from None
+        raise SynthgenError(f"{cls.__name__}: {format_validation_error(exc, cls)}") from None

@@ -154,7 +154,7 @@ def classcond_recipe_from_dict(data: dict, source: str = "recipe") -> ClassCondR
     try:
         return ClassCondRecipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+        raise RecipeError(f"{source}: {format_validation_error(exc, ClassCondRecipe)}") from None
 
 
 def load_classcond_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ClassCondRecipe:

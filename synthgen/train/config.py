@@ -341,7 +341,7 @@ def _validate(cls, data: dict[str, Any], source: str):
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        msg = format_validation_error(exc)
+        msg = format_validation_error(exc, cls)
         for tag in ("rotation.", "simclr.", "stablerep."):  # drop the discriminator tag from keys
             msg = msg.replace(f"objective.{tag}", "objective.")
         raise RecipeError(f"{source}: {msg}") from None
