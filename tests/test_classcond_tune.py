@@ -274,3 +274,18 @@ def test_two_processes_tune_one_journal_study(stage1, tmp_path):
     assert len({t.user_attrs["worker"] for t in trials}) == 2
     assert [t.number for t in trials if "fixed_params" in t.system_attrs] == [0]  # the defaults, enqueued once
     assert json.loads((run_dir / "tune-encoder" / "best.json").read_text())["finished"] >= 4
+
+
+def test_run_stops_in_one_line_when_tuning_has_no_best(stage1, tmp_path):
+    """Every trial pruned (bootstrap_count 1, one trial): stage 2 has no parameters to hand on, and the
+    run says so instead of failing on a missing key."""
+    from synthgen.classcond.run import run_classcond
+    from synthgen.train.data import load_image_dataset
+
+    run_dir = fresh_run(stage1, tmp_path)
+    train = load_image_dataset(str(CIFAR), "train", limit=200, require_labels=True)
+    r = recipe("tuning.pruner.bootstrap_count=1", "tuning.encoder_trials=1")
+    with pytest.raises(SynthgenError, match=r"stage 2 \(tune-encoder\): 1 trials finished \(1 pruned\), no best yet: "
+                                            r"every finished trial was pruned"):
+        run_classcond(run_dir, r, real=(train, TestSplit()), device="cpu")
+    assert not (run_dir / "tune-encoder" / "best.json").exists() and not (run_dir / "unet").exists()

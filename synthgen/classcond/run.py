@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from synthgen.errors import SynthgenError
+
 __all__ = ["STAGE_ORDER", "run_classcond", "train_stage", "finetune_stage", "dataset_source"]
 
 STAGE_ORDER = ("train", "tune-encoder", "finetune", "tune-unet", "final")
@@ -81,7 +83,7 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
                     result.resumed_from, result.last_epoch))
     _mark(run_dir, "train", {"epochs": result.last_epoch, "losses": result.losses})
 
-    tuned = tune_stage(run_dir, recipe, "encoder", real=real, device=device, on_trial=on_trial)
+    tuned = _tuned(tune_stage(run_dir, recipe, "encoder", real=real, device=device, on_trial=on_trial), 2)
     say(f"stage 2 (tune-encoder): best {tuned.best['params']} -> val acc {tuned.best['value']:.4f} "
         f"({tuned.finished} trials, {tuned.pruned} pruned; {tuned.ran} run now)")
     _mark(run_dir, "tune-encoder", tuned.best)
@@ -91,7 +93,7 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
                     f"{result.losses.get(result.last_epoch, float('nan')):.4f}", result.resumed_from, result.last_epoch))
     _mark(run_dir, "finetune", {"epochs": result.last_epoch, "losses": result.losses})
 
-    tuned = tune_stage(run_dir, recipe, "unet", real=real, device=device, on_trial=on_trial)
+    tuned = _tuned(tune_stage(run_dir, recipe, "unet", real=real, device=device, on_trial=on_trial), 4)
     say(f"stage 4 (tune-unet): best {tuned.best['params']} -> val acc {tuned.best['value']:.4f} "
         f"({tuned.finished} trials, {tuned.pruned} pruned; {tuned.ran} run now)")
     _mark(run_dir, "tune-unet", tuned.best)
@@ -102,6 +104,15 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
     _mark(run_dir, "final", {"real_top1": cas["real_baseline"]["top1"],
                              "runs": [{"scale": r["scale"], "top1": r["top1"]} for r in cas["runs"]]})
     return cas
+
+
+def _tuned(tuned, number: int):
+    """The stage's result, or a stop when it has no best yet: the next stage needs its parameters."""
+    if not tuned.best:
+        raise SynthgenError(f"stage {number} (tune-{tuned.stage}): {tuned.finished} trials finished "
+                            f"({tuned.pruned} pruned), no best yet: {tuned.no_best_reason}; run again when "
+                            f"they are done; {tuned.folder}")
+    return tuned
 
 
 def _stage_line(number: int, name: str, what: str, resumed_from: int, last: int) -> str:

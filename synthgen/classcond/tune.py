@@ -86,6 +86,12 @@ class TuneResult:
     ran: int = 0  # trials this call ran
     target: int = 0  # finished trials the study is run to
 
+    @property
+    def no_best_reason(self) -> str:
+        """Why ``best`` is empty (a study with trials still running elsewhere, or pruned throughout)."""
+        return ("every finished trial was pruned; run more (--trials)" if self.finished >= self.target
+                else "other processes are running the rest")
+
 
 def _complete_stage_epochs(stage_dir: Path, wanted: int, what: str, command: str) -> int:
     have = list_epochs(stage_dir)

@@ -96,9 +96,8 @@ def tune(
     if result.retried:
         err_console.print(f"retried the interrupted trial(s) {', '.join(map(str, result.retried))}", markup=False, highlight=False)
     if not result.best:
-        why = ("every finished trial was pruned; run more (--trials)" if result.finished >= result.target
-               else "other processes are running the rest")
-        console.print(f"{result.finished} trials finished ({result.pruned} pruned); no best yet: {why}; {result.folder}",
+        console.print(f"{result.finished} trials finished ({result.pruned} pruned); no best yet: "
+                      f"{result.no_best_reason}; {result.folder}",
                       markup=False, highlight=False, soft_wrap=True)
         return
     params = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.best["params"].items())
