@@ -434,6 +434,39 @@ def test_push_a_pipeline_to_a_model_repo(fake_hub, v1, tiny_pipeline_path, tmp_p
         push_model(folder, "org/tiny-sd", datasets=[], tag="v1.0.1")
 
 
+def test_a_class_conditioned_pipeline_card_loads_it(fake_hub, v1, tmp_path):
+    """The card's snippet is run as written: diffusers has no ClassConditionedPipeline, synthgen does."""
+    import re
+
+    from huggingface_hub import ModelCard
+
+    from synthgen.classcond.base import load_base_components
+    from synthgen.classcond.encoder import ClassEncoder
+    from synthgen.classcond.pipeline import ClassConditionedPipeline
+    from synthgen.hub import push_model
+
+    base = load_base_components("builtin:tiny-sd", vae=True)
+    encoder = ClassEncoder.for_unet(base.unet, 2, num_tokens=4, hidden_dims=(8,))
+    ClassConditionedPipeline(vae=base.vae, unet=base.unet, scheduler=base.scheduler, class_encoder=encoder,
+                             class_names=["cat", "dog"], resolution=32, training={}).save_pretrained(tmp_path / "cc")
+    push_model(tmp_path / "cc", "org/cc", datasets=[str(v1)], tag="v1", backoff=FAST)
+
+    snippet = re.search(r"```python\n(.*?)```", ModelCard.load("org/cc").text, re.S).group(1)
+    assert 'ClassConditionedPipeline.from_pretrained("org/cc", revision="v1")' in snippet
+    scope: dict = {}
+    exec(snippet, scope)
+    assert type(scope["pipeline"]).__name__ == "ClassConditionedPipeline"
+    assert scope["pipeline"].class_names == ["cat", "dog"]
+
+    # and a recipe builds from it by Hub id, at the tagged commit
+    from synthgen.generate import load_pipeline
+    from synthgen.recipe import GeneratorConfig
+
+    loaded = load_pipeline(GeneratorConfig(model="org/cc", revision="v1", device="cpu", dtype="float32"))
+    assert type(loaded.pipe).__name__ == "ClassConditionedPipeline"
+    assert loaded.provenance()["model_revision"] == fake_hub.repo("org/cc", "model").tags["v1"]
+
+
 # --------------------------------------------------------------------------------------------------
 # the fake Hub itself: what the real client sees
 # --------------------------------------------------------------------------------------------------

@@ -93,6 +93,21 @@ class ClassConditionedPipeline(DiffusionPipeline):
             training=training,
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a saved folder, or a Hub repo (``revision=`` a tag, branch or commit)."""
+        path = pretrained_model_name_or_path
+        if not os.path.isdir(path):  # diffusers' own download refuses it: see download_class_conditioned
+            from synthgen.generate.classcond import download_class_conditioned
+
+            path = download_class_conditioned(str(path), kwargs.pop("revision", None),
+                                              local_files_only=bool(kwargs.get("local_files_only")),
+                                              token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"))
+            if path is None:
+                raise SynthgenError(f"{pretrained_model_name_or_path} holds another kind of pipeline, "
+                                    f"not a {cls.__name__}")
+        return super().from_pretrained(path, **kwargs)
+
     @property
     def class_names(self) -> list[str]:
         return list(self.config.class_names)

@@ -36,12 +36,28 @@ from synthgen.prompts.base import PromptRecord
 __all__ = [
     "PIPELINE_CLASS",
     "is_class_conditioned",
+    "download_class_conditioned",
     "load_class_conditioned",
     "conditioning_record",
     "ClassConditionedGenerator",
 ]
 
 PIPELINE_CLASS = "ClassConditionedPipeline"
+
+
+def download_class_conditioned(repo_id: str, revision: Optional[str] = None, *, local_files_only: bool = False,
+                               token: Any = None, cache_dir: Any = None) -> Optional[str]:
+    """The snapshot folder of the Hub class-conditioned pipeline ``repo_id``, or None when the repo
+    holds another kind of pipeline. diffusers' own download takes a component from a library it does
+    not know (``synthgen``) for custom code the repo must hold, and refuses; synthgen's pipelines hold
+    configs and safetensors only, fetched as they are (nothing that runs code)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    where = {"revision": revision, "local_files_only": local_files_only, "token": token, "cache_dir": cache_dir}
+    index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", **where)).read_text())
+    if index.get("_class_name") != PIPELINE_CLASS:
+        return None
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], **where)
 
 
 def is_class_conditioned(folder: str | Path) -> bool:

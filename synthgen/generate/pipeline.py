@@ -307,16 +307,20 @@ def _download_hub(model: str, revision: Optional[str]) -> tuple[Path, str]:
     """Fetch (or find in the HF cache) a Hub pipeline; returns its snapshot folder and commit hash."""
     from diffusers import DiffusionPipeline
 
+    from synthgen.generate.classcond import download_class_conditioned
+
     # diffusers' own loggers print multi-line "will try the cache" notes on every offline miss;
     # the one-line SynthgenError below says it all.
     diffusers_logger = logging.getLogger("diffusers")
     level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)
     try:
-        folder = DiffusionPipeline.download(
-            model, revision=revision, local_files_only=hub_offline() or None,
-            use_safetensors=None if pickle_weights_allowed() else True,
-        )
+        folder = download_class_conditioned(model, revision, local_files_only=hub_offline())
+        if folder is None:
+            folder = DiffusionPipeline.download(
+                model, revision=revision, local_files_only=hub_offline() or None,
+                use_safetensors=None if pickle_weights_allowed() else True,
+            )
     except (OSError, ValueError, RuntimeError) as exc:
         raise _hub_error(model, revision, exc) from None
     except Exception as exc:  # huggingface_hub / httpx errors that are not OSErrors

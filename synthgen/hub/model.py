@@ -105,7 +105,12 @@ def render_model_card(
         else:
             lines.append(f"- a local dataset, not published: `{d['local']}`")
     revision = f', revision="{tag}"' if tag else ""
-    if config_name == "model_index.json":
+    from synthgen.generate.classcond import PIPELINE_CLASS
+
+    if config.get("_class_name") == PIPELINE_CLASS:  # not a diffusers class: loaded by synthgen's own
+        load = ["from synthgen import ClassConditionedPipeline",
+                f'pipeline = ClassConditionedPipeline.from_pretrained("{repo_id}"{revision})']
+    elif config_name == "model_index.json":
         load = ["from diffusers import DiffusionPipeline", f'pipeline = DiffusionPipeline.from_pretrained("{repo_id}"{revision})']
     else:
         load = ["from huggingface_hub import snapshot_download",
