@@ -391,7 +391,7 @@ def test_repo_holding_another_dataset_needs_force(fake_hub, v1, capsys, other):
 # --------------------------------------------------------------------------------------------------
 # branches, pull requests and models
 # --------------------------------------------------------------------------------------------------
-def test_branch_and_pull_request(fake_hub, v1, v2):
+def test_branch_and_pull_request(fake_hub, v1, v2, tmp_path_factory):
     hub = fake_hub
     push_dataset(v1, "org/demo", tag="v1.0.0", backoff=FAST)
     main = hub.repo("org/demo").branches["main"]
@@ -408,6 +408,13 @@ def test_branch_and_pull_request(fake_hub, v1, v2):
     again = push_dataset(v2, "org/demo", create_pr=True, backoff=FAST)  # e.g. a re-run
     assert again.revision == "refs/pr/1" and again.commit == pr.commit and not again.new_commit
     assert list(hub.repo("org/demo").prs) == [1]
+
+    # another version with the same name and row count (another seed): its own pull request, PR 1 untouched
+    v3 = _build(tmp_path_factory, "v3", [*SMALL, "count=60", "seed=2"])
+    other = push_dataset(v3, "org/demo", create_pr=True, backoff=FAST)
+    assert other.revision == "refs/pr/2" and list(hub.repo("org/demo").prs) == [1, 2]
+    assert_same_rows(v2, "org/demo", "refs/pr/1")
+    assert_same_rows(v3, "org/demo", "refs/pr/2")
 
 
 def test_push_a_pipeline_to_a_model_repo(fake_hub, v1, tiny_pipeline_path, tmp_path):

@@ -282,6 +282,11 @@ class Upload:
         return all(path in tree and same_content(tree[path], local) for path, local in self.files.items()) and \
             not any(self.owned(path) and path not in self.files for path in tree if path != ".gitattributes")
 
+    def content_id(self) -> str:
+        """A short hash of every path and its bytes: names this content (e.g. in a pull request's title)."""
+        listing = "".join(f"{path}\0{local.lfs_oid()}\n" for path, local in sorted(self.files.items()))
+        return hashlib.sha256(listing.encode()).hexdigest()[:12]
+
     def only_progress(self, before: dict[str, Any], after: dict[str, Any]) -> bool:
         """Every change from ``before`` to ``after`` is one of these files landing (or an owned file
         going): what an interrupted or partly committed push of these files leaves behind."""
@@ -346,7 +351,8 @@ def publish_folder(
             check_remote(remote, head, remote.tree(head), set(upload.files))
         pr_url = None
         if create_pr:
-            revision, parent, pr_url = _pull_request(remote, message, description)
+            # the title names the content: a re-run finds its own pull request, another version opens its own
+            revision, parent, pr_url = _pull_request(remote, f"{message} [{upload.content_id()}]", description)
         elif target not in branches:
             parent = branches.get("main")
             with_retries(lambda: api.create_branch(repo_id, branch=target, revision=parent, repo_type=repo_type,
