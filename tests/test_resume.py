@@ -122,6 +122,23 @@ def test_limit_then_full_build_keeps_the_prefix_and_accepts_runtime_changes(tmp_
     assert verify_dataset(out).ok
 
 
+def test_a_smaller_limit_never_leaves_made_shards_out_of_the_manifest(copy_of, loaded):
+    from synthgen.dataset import verify_dataset
+
+    before = snapshot(copy_of)
+    again = build(tiny(), copy_of, loaded, limit=5)  # a complete folder: nothing to make, nothing to shrink
+    assert (again.shards_written, again.dataset_complete, again.manifest["rows"]) == (0, True, 12)
+    assert snapshot(copy_of) == before and verify_dataset(copy_of).ok
+
+    # shards made past the limit by an interrupted full build: the limit reaches them, and the gap is made
+    (copy_of / "synthgen_manifest.json").unlink()
+    (copy_of / "data/train-00001-of-00003.parquet").unlink()
+    (copy_of / ".synthgen/done/train-00001-of-00003.json").unlink()
+    result = build(tiny(), copy_of, loaded, limit=2)
+    assert (result.shards_written, result.rows_target, result.manifest["rows"]) == (1, 12, 12)
+    assert sorted(rows(copy_of)) == list(range(12)) and verify_dataset(copy_of).ok
+
+
 @pytest.mark.slow
 def test_demo_limit_40_then_demo_gives_the_full_200_rows(tmp_path, tiny_pipeline_path):
     """The issue's case with the real demo recipe through the CLI: 200 rows, the first 40 untouched."""

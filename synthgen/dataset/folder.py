@@ -201,10 +201,27 @@ def plan_build(
                 f"{stray[0].rsplit('/', 1)[-1]}{more} in {store.display}/data is not a shard of this build's plan "
                 f"({plan.num_shards} shards; a stray file would load as extra rows): remove it, or use --overwrite"
             )
+        if limit is not None:
+            with disk_errors(store.display):
+                build.limit = _limit_keeping_made_rows(build, writer, limit)
         if scan:
             with disk_errors(store.display):
                 _scan_finished(build, writer, verify)
     return build
+
+
+def _limit_keeping_made_rows(build: BuildPlan, writer: ShardWriter, limit: int) -> Optional[int]:
+    """``limit``, raised to the last row the folder's shards already hold: a ``--limit`` build never
+    writes a manifest that leaves made shards out (they would load as rows the card does not list)."""
+    names = writer.marker_names()
+    marked = [s for s in build.plan.shards() if f"{s.name}.json" in names]
+    if not marked:
+        return limit
+    last = marked[-1]
+    made = (writer.read_marker(last) or {}).get("stop", last.stop)
+    if made <= limit:
+        return limit
+    return None if made >= build.plan.total else made
 
 
 def _scan_finished(build: BuildPlan, writer: ShardWriter, verify: Optional[Callable[[ShardSpec], bool]]) -> None:
