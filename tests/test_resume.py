@@ -336,6 +336,13 @@ def test_a_model_that_changed_between_crash_and_resume_is_refused(tmp_path, tiny
     with pytest.raises(SynthgenError, match="cannot be reproduced"):
         regenerate_row(out, 1)
 
+    # --overwrite, which the message offers, starts again with the new model: every row made by it
+    again = build(recipe, out, overwrite=True)
+    assert (again.dataset_complete, again.shards_written) == (True, 3)
+    assert again.manifest["model"]["model_revision"] != first.manifest["model"]["model_revision"]
+    assert {row["settings_hash"] for row in rows(out).values()} == {again.manifest["settings_hash"]}
+    assert regenerate_row(out, 1).size == (32, 32)  # the changed model reproduces rows again
+
 
 def test_pickle_weights_load_only_when_allowed(tmp_path, tiny_pipeline_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
@@ -394,8 +401,14 @@ def test_a_static_worker_with_other_shares_unbuilt_exits_3_naming_them(tmp_path,
     assert rc == 3
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "2 shard(s) left (train-00001-of-00003, train-00002-of-00003)" in err[0]
+    assert err[0].endswith("the same command without --num-workers/--worker-index"), err[0]
     assert "partial" in captured.out
-    rc = cli_main(["build", str(recipe), "--out", str(out), "-q"])
+    # --executor local would be ignored beside a static share: refused in one line
+    rc = cli_main(["build", str(recipe), "--out", str(out), "-q", "--num-workers", "3", "--worker-index", "0",
+                   "--executor", "local"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "drop --executor local" in err[0], err
+    rc = cli_main(["build", str(recipe), "--out", str(out), "-q"])  # what the hint says
     assert rc == 0 and "complete" in capsys.readouterr().out
 
 

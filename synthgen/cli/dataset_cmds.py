@@ -116,10 +116,12 @@ def build(
     )
     if not result.complete:
         shown = ", ".join(result.left[:4]) + (f" and {len(result.left) - 4} more" if len(result.left) > 4 else "")
+        static = num_workers is not None or worker_index is not None
         error_line(
-            f"the dataset is unfinished: {len(result.left)} shard(s) left ({shown}); they belong to other ranks "
-            f"(this is {who.rstrip(': ') or 'rank 0/1'}): run those ranks again, or finish what is left with "
-            "the same command and --executor local"
+            f"the dataset is unfinished: {len(result.left)} shard(s) left ({shown}); they belong to other "
+            f"{'workers' if static else 'ranks'} (this is {who.rstrip(': ') or 'rank 0/1'}): run those again, or "
+            "finish what is left with the same command"
+            + (" without --num-workers/--worker-index" if static else " and --executor local")
         )
         raise typer.Exit(EXIT_PARTIAL)
     if push_to_hub is not None and result.dataset_complete and worker.get("rank", 0) == 0:

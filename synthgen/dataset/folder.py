@@ -49,6 +49,7 @@ class BuildPlan:
     done: list[int] = field(default_factory=list)  # target shards already finished
     damaged: dict[str, str] = field(default_factory=dict)  # shard name -> why its file was not trusted
     stored: Optional[dict] = None  # the folder's plan.json (resume)
+    overwrite: bool = False  # --overwrite: also start again when the same recipe's model settings changed
 
     @property
     def folder(self) -> Path | str:
@@ -191,7 +192,7 @@ def plan_build(
     plan = ShardPlan(recipe.count, recipe.output.images_per_shard, recipe.output.split)
     with disk_errors(store.display):
         state, stored = _inspect_folder(store, recipe, overwrite)
-    build = BuildPlan(recipe, store, sampler, plan, state, limit=limit, stored=stored)
+    build = BuildPlan(recipe, store, sampler, plan, state, limit=limit, stored=stored, overwrite=overwrite)
     if state == "resume":
         writer = build.writer()
         stray = writer.unplanned_files(plan.shards())
@@ -303,6 +304,14 @@ def record_settings(build: BuildPlan, writer: ShardWriter, model: Optional[dict[
             if store.local is None:
                 stored = _read_plan_file(store)  # no lock here: whoever wrote last is the plan
                 _inspect_folder(store, build.recipe, overwrite=False)
+        if stored is not None and settings is not None and stored.get("settings_hash") != settings_hash \
+                and build.overwrite:  # the same recipe with another model or precision: start again
+            _remove_owned(store)
+            store.write_text(PLAN_REL, json.dumps(_plan_payload(build, settings, settings_hash), indent=1))
+            stored = _read_plan_file(store)
+        if (build.stored or {}).get("settings_hash") != (stored or {}).get("settings_hash"):
+            build.done.clear()  # started again since this process scanned it: its finished shards are gone
+            build.damaged.clear()
         if stored is not None and settings is not None and stored.get("settings_hash") != settings_hash:
             keys = changed_keys(stored.get("settings") or {}, settings)
             detail = "; ".join(f"{k}: {_flatten(stored.get('settings') or {}).get(k)!r} -> {_flatten(settings).get(k)!r}"

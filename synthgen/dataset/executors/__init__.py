@@ -49,6 +49,9 @@ def resolve_executor(
 
         return RayExecutor(ray_address)
     if num_workers is not None or worker_index is not None:
+        if executor in ("local", "ranks"):
+            raise SynthgenError(f"--num-workers/--worker-index choose this process's share themselves: "
+                                f"drop --executor {executor} (or drop them)")
         world, rank = (1 if num_workers is None else num_workers), (worker_index or 0)
         if world < 1:
             raise SynthgenError(f"--num-workers must be at least 1, got {world}")

@@ -151,9 +151,13 @@ class RankExecutor:
                            device=device_for_rank(recipe.generator.device, ranks.local_rank), worker=worker)
         writer = maker.writer
         result = BuildResult.start(build, started, worker)
-        mine = [s for s in build.todo if ranks.owns(s)]
-        # Others' shares from the end (round robin over their owners, who work from the front).
-        others = [] if self.share_only else [s for s in reversed(build.todo) if not ranks.owns(s)]
+
+        def shares() -> tuple[list[ShardSpec], list[ShardSpec]]:
+            # Others' shares from the end (round robin over their owners, who work from the front).
+            return ([s for s in build.todo if ranks.owns(s)],
+                    [] if self.share_only else [s for s in reversed(build.todo) if not ranks.owns(s)])
+
+        mine, others = shares()
         if not mine and not others:  # nothing for this process: finish the manifest if the others are done
             with disk_errors(build.store.display):
                 return result.finish(finalize(build, writer))
@@ -162,6 +166,7 @@ class RankExecutor:
         show = job.progress and ranks.rank == 0
         with disk_errors(build.store.display):
             maker.load()  # before anything is created on disk: a bad model id leaves no folder behind
+            mine, others = shares()  # all of them, if --overwrite started the folder again for another model
             names = writer.marker_names()
             sizes = {s.index: maker.rows_to_make(s, names) for s in mine + others}
             background = PipelinedWriter.for_recipe(maker)  # None: write each shard before the next
