@@ -14,6 +14,10 @@
   bucket ``moto_s3.BUCKET``; its credentials and endpoint are in the environment while the module
   runs (as a user's would be), so ``s3://`` URLs reach it here and from subprocesses.
 
+* ``cifar_shards``: a function ``(folder, sizes, string_labels=False) -> folder`` writing real
+  CIFAR-10 training rows into a Hub-layout folder of parquet shards of ``sizes`` rows (labels as
+  class names with ``string_labels``); skips the test when ../shared lacks CIFAR-10.
+
 ``HF_DATASETS_CACHE`` points at a private temporary folder for the session (see below).
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -66,6 +71,35 @@ def tiny_generator_config(tiny_pipeline_path):
         device="cpu",
         max_retries=3,
     )
+
+
+@pytest.fixture
+def cifar_shards():
+    from pathlib import Path
+
+    cifar = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10/data/train-00000-of-00002.parquet"
+    if not cifar.is_file():
+        pytest.skip(f"CIFAR-10 parquet not found at {cifar}")
+
+    def write(folder: Path, sizes: list[int], string_labels: bool = False) -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(cifar).slice(0, sum(sizes))
+        if string_labels:
+            names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+            meta = json.loads(table.schema.metadata[b"huggingface"])  # datasets' features: label becomes a string Value
+            meta["info"]["features"]["label"] = {"dtype": "string", "_type": "Value"}
+            table = table.set_column(1, "label", pa.array([names[i] for i in table["label"].to_pylist()]))
+            table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
+        (folder / "data").mkdir(parents=True)
+        start = 0
+        for i, n in enumerate(sizes):
+            pq.write_table(table.slice(start, n), folder / "data" / f"train-{i:05d}-of-{len(sizes):05d}.parquet")
+            start += n
+        return folder
+
+    return write
 
 
 @pytest.fixture(scope="module")

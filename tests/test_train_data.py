@@ -243,3 +243,72 @@ def test_streamed_batches_match_the_decoded_tensor(one_torch_thread):
     assert r.epochs_run == 1 and r.steps == 5 and r.history[0]["train_loss"] > 0
     with pytest.raises(SynthgenError, match="no split 'validation'"):
         StreamBatches(str(CIFAR), "validation", rt)
+
+
+def _rank(rank: int, world: int):
+    """The runtime of process ``rank`` of ``world`` (the stream and the batches read only rank and
+    world size; no process group is needed to see what each process would get)."""
+    from synthgen.train.runtime import Runtime
+
+    return Runtime(device=torch.device("cpu"), rank=rank, world_size=world, distributed=world > 1)
+
+
+def test_streamed_ddp_epochs_have_equal_counts_and_scoring_takes_every_row(tmp_path, cifar_shards, one_torch_thread):
+    """Shards of 90, 90, 96 and 96 rows on 2 processes, global batch 32: each DataLoader worker ends
+    with a short batch; every process still yields the same number of batches every epoch (the
+    planned batches_per_epoch), an in-order pass scores each row once, and the normalisation
+    statistics are the same rows' on both processes."""
+    from synthgen.train.data import channel_stats, load_image_dataset
+    from synthgen.train.stream import StreamBatches
+
+    src = str(cifar_shards(tmp_path / "uneven", [90, 90, 96, 96]))
+    streams = [StreamBatches(src, "train", _rank(r, 2), num_workers=2) for r in (0, 1)]
+    planned = streams[0].batches_per_epoch(32, epochs=3)
+    assert planned == streams[1].batches_per_epoch(32, epochs=3) == 11  # 180 rows on the smaller share // 16
+    for epoch in range(3):
+        counts = [sum(1 for _ in s.epoch(32, epoch, drop_last=True, batches=planned)) for s in streams]
+        assert counts == [planned, planned], (epoch, counts)
+        assert [sum(1 for _ in s.epoch(32, epoch)) for s in streams] == [planned, planned]  # no plan given: the same
+    scored = [torch.cat([y for _, y in s.epoch(1024, None, min_batch=1)]) for s in streams]
+    assert sum(len(y) for y in scored) == 372
+    whole = load_image_dataset(src, "train", cache=False)
+    assert torch.equal(torch.sort(torch.cat(scored)).values, torch.sort(whole.labels).values)
+    stats = [s.channel_stats() for s in streams]
+    assert stats[0] == stats[1] and sum(stats[0], ()) == pytest.approx(sum(channel_stats(whole.images), ()), abs=1e-12)
+    with pytest.raises(SynthgenError, match="no images"):
+        StreamBatches(src, "train", _rank(0, 1), limit=0).channel_stats()
+    # one process: n // batch full batches (the workers' short ones joined), then the rest
+    one = StreamBatches(src, "train", _rank(0, 1), num_workers=2)
+    assert one.batches_per_epoch(32) == 11 and [len(y) for _, y in one.epoch(32, 0)] == [32] * 11 + [20]
+
+
+def test_streamed_string_labels_number_like_the_decoded_split(tmp_path, cifar_shards, one_torch_thread):
+    """A label column of class names: a stream that needs no labels never reads it; one that does
+    numbers the names sorted, exactly as the decoded split does."""
+    from synthgen.train.data import load_image_dataset
+    from synthgen.train.stream import StreamBatches
+
+    src = str(cifar_shards(tmp_path / "names", [60, 60], string_labels=True))
+    unlabelled = StreamBatches(src, "train", _rank(0, 1), num_workers=1, labels=False)
+    assert [y for _, y in unlabelled.epoch(40, 0)] == [None, None, None]
+    decoded = load_image_dataset(src, "train", cache=False)
+    labelled = StreamBatches(src, "train", _rank(0, 1), num_workers=1)
+    assert labelled.class_names == decoded.class_names and decoded.class_names[0] == "airplane"
+    assert torch.equal(torch.cat([y for _, y in labelled.epoch(50, None, min_batch=1)]), decoded.labels)
+
+
+def test_scoring_takes_every_row_once_on_any_world_size_and_training_batches_split_evenly():
+    """An in-order pass over the batches of 5,000 and 4,999 rows on 1, 2 and 3 processes: each row is
+    scored once; a training batch that does not divide by the processes is refused in one line."""
+    from synthgen.train.batches import TensorBatches
+    from synthgen.train.classify import TrainConfig, train_classifier
+    from synthgen.train.data import ImageTensorDataset
+    from synthgen.train.models import create_model
+
+    for n in (5000, 4999):
+        ds = ImageTensorDataset(images=torch.zeros(n, 3, 2, 2, dtype=torch.uint8), labels=torch.arange(n), class_names=["a"])
+        for world in (1, 2, 3):
+            rows = torch.cat([y for r in range(world) for _, y in TensorBatches(ds, _rank(r, world)).epoch(1024, None, min_batch=1)])
+            assert torch.equal(torch.sort(rows).values, torch.arange(n)), (n, world)
+    with pytest.raises(SynthgenError, match="batch_size 33 does not split evenly over 2 processes"):
+        train_classifier(create_model("resnet20", 1), ds, None, TrainConfig(epochs=1, batch_size=33), runtime=_rank(0, 2), quiet=True)

@@ -148,6 +148,47 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         "checkpoint.json", "config.yaml", "metrics.json", "model.safetensors", "optimizer.safetensors"]
 
 
+STREAM_SETTINGS = ["dataset.limit=null", "dataset.stream=true", "schedule.epochs=2", "device=cpu"]
+
+
+def test_two_process_stream_on_uneven_shards_keeps_in_step(tmp_path, cifar_shards):
+    """Streamed shards of 90, 90, 96 and 96 rows under torchrun (2 gloo processes, 2 DataLoader
+    workers each, global batch 32): both processes take the planned 11 steps every epoch (each
+    worker's short batch is joined, not counted), and normalise with the same statistics."""
+    from synthgen.train.runtime import Runtime
+    from synthgen.train.stream import StreamBatches
+
+    src = cifar_shards(tmp_path / "uneven", [90, 90, 96, 96])
+    sets = [f"dataset.source={src}", *STREAM_SETTINGS, "objective.batch_size=32", "normalization=dataset"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "synthgen", "pretrain",
+           "rotation-vit-demo", *[a for kv in sets for a in ("--set", kv)], "--out", str(tmp_path / "run"), "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert metrics["step"] == metrics["total_steps"] == 22 and [e["steps"] for e in metrics["epochs"]] == [11, 11]
+    norm = json.loads((tmp_path / "run/checkpoint.json").read_text())["normalization"]
+    mean, std = StreamBatches(str(src), "train", Runtime.create("cpu"), labels=False).channel_stats()
+    assert (norm["mean"], norm["std"]) == (list(mean), list(std))
+
+
+def test_streamed_schedule_ends_and_a_finished_run_is_left_alone(tmp_path, capsys, cifar_shards):
+    """Two shards of 40 rows, 2 DataLoader workers, batch 16: the stream gives the 5 batches an epoch
+    the schedule plans (the workers' short batches joined), so the cosine schedule ends at lr 0 and
+    running the command again trains nothing and says so."""
+    src = cifar_shards(tmp_path / "shards", [40, 40])
+    argv = ["pretrain", "rotation-vit-demo", "--out", str(tmp_path / "run"), "-q"]
+    for kv in (f"dataset.source={src}", *STREAM_SETTINGS, "schedule.warmup_steps=0", "schedule.lr_schedule=cosine", "log_every=1"):
+        argv += ["--set", kv]
+    rc, out, err = _cli(argv, capsys)
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert metrics["step"] == metrics["total_steps"] == 10 and metrics["history"][-1]["lr"] == 0.0
+    rc, out, err = _cli(argv, capsys)
+    assert rc == 0 and "already done" in out and "resumed" not in out, out + err
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["history"] == metrics["history"]
+
+
 # ----------------------------------------------------------------------------------------------
 # mixtures, schedules, probes, bad input
 # ----------------------------------------------------------------------------------------------
@@ -302,9 +343,10 @@ def test_hub_datasets_record_the_commit_they_resolved(monkeypatch):
 @needs_cifar
 def test_cas_runs_under_torchrun_and_rank_0_alone_writes(tmp_path):
     """`synthgen cas` on two gloo processes: each trains on half of every global batch, the
-    validation and test metrics are summed over both, and one result file is written."""
+    validation and test metrics are summed over both (all 63 test rows: one process scores one
+    more), and one result file is written."""
     out = tmp_path / "cas.json"
-    sets = ["model=resnet20", "epochs=1", "batch_size=64", "real_fit=256", "real_val=64", "limit_real_test=64", "limit_synthetic=256"]
+    sets = ["model=resnet20", "epochs=1", "batch_size=64", "real_fit=256", "real_val=64", "limit_real_test=63", "limit_synthetic=256"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "synthgen", "cas",
            str(CIFAR10), "--real", str(CIFAR10), *[a for kv in sets for a in ("--set", kv)], "--device", "cpu", "--no-cache",
            "-q", "-o", str(out)]
@@ -314,4 +356,4 @@ def test_cas_runs_under_torchrun_and_rank_0_alone_writes(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["runtime"]["world_size"] == 2 and res.stdout.count("results: ") == 1
     for run in (doc["real_baseline"], doc["runs"][0]):
-        assert run["n_test"] == 64 and run["epochs_run"] == 1 and 0 <= run["top1"] <= 100
+        assert run["n_test"] == 63 and run["epochs_run"] == 1 and 0 <= run["top1"] <= 100

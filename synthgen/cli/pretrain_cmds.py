@@ -42,7 +42,9 @@ def pretrain(
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports
     m = result.metrics
-    if result.resumed_from_step is not None:
+    if result.resumed_from_step is not None and result.resumed_from_step >= m["total_steps"]:
+        console.print(f"already done: {out_dir} finished its {m['total_steps']} steps; nothing to train")
+    elif result.resumed_from_step is not None:
         console.print(f"resumed from step {result.resumed_from_step}")
     first = f"{m['first_loss']:.4f}" if m.get("first_loss") is not None else "-"
     final = f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "-"

@@ -84,16 +84,21 @@ class TensorBatches:
         self, batch_size: int, generator: torch.Generator | None = None, *, drop_last: bool = False, min_batch: int = 2
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """One shuffled pass (``generator`` None: in order). A final batch smaller than ``min_batch``
-        (a batch of one breaks BatchNorm) or than ``batch_size`` with ``drop_last`` is dropped."""
+        (a batch of one breaks BatchNorm) or than ``batch_size`` with ``drop_last`` is dropped.
+        Under DDP a shuffled pass gives every process an equal share of each batch; an in-order pass
+        (scoring) splits each batch as evenly as it goes, so every row is taken once."""
         rt = self.runtime
-        order = torch.randperm(self.n, generator=generator) if generator is not None else torch.arange(self.n)
+        scoring = generator is None
+        order = torch.randperm(self.n, generator=generator) if not scoring else torch.arange(self.n)
         if self.on_device:
             order = order.to(rt.device)  # one copy per epoch instead of one per step
         for start in range(0, self.n, batch_size):
             idx = order[start : start + batch_size]
-            if len(idx) < batch_size and (drop_last or len(idx) < min_batch * rt.world_size):
+            if len(idx) < batch_size and (drop_last or len(idx) < min_batch * (1 if scoring else rt.world_size)):
                 continue
-            yield self.take(rt.shard(idx))
+            local = rt.shard(idx, every_row=scoring)
+            if len(local):
+                yield self.take(local)
 
     def batches_of(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.take(torch.as_tensor(indices, dtype=torch.long))

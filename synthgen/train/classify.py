@@ -136,6 +136,8 @@ def train_classifier(
     rt = runtime or Runtime.create("auto")
     if len(train) == 0:
         raise SynthgenError("the training split is empty")
+    if cfg.batch_size % rt.world_size:
+        raise SynthgenError(f"batch_size {cfg.batch_size} does not split evenly over {rt.world_size} processes")
     if console is None:
         from rich.console import Console
 

@@ -233,6 +233,12 @@ def _detect_columns(ds, source: str, split: str, image_column, label_column, gro
     return image_column, label_column, group_column
 
 
+def string_class_names(labels) -> list[str]:
+    """The classes of a string label column in id order: the distinct names sorted alphabetically
+    (class id = position). The decoded and the streamed paths number string labels with this."""
+    return sorted(set(labels))
+
+
 def _decode_one(example: dict | None, base_dir: str | None, image_size: int | None) -> np.ndarray:
     from PIL import Image
 
@@ -377,8 +383,8 @@ def load_image_dataset(
         values = list(ds.with_format(None)[label_column])
         if any(v is None for v in values):
             raise SynthgenError(f"{desc}: the label column {label_column!r} has empty (null) cells")
-        if values and isinstance(values[0], str):  # string labels: names sorted alphabetically
-            class_names = sorted(set(values))
+        if values and isinstance(values[0], str):
+            class_names = string_class_names(values)
             index = {n: i for i, n in enumerate(class_names)}
             values = [index[v] for v in values]
         try:

@@ -173,7 +173,7 @@ def load_pretrain_dataset(config: PretrainConfig, runtime: Runtime | None = None
             raise SynthgenError("dataset.stream does not serve stablerep (its batches pick images by caption); decode the split instead")
         stream = StreamBatches(resolve_source(spec.source), spec.split, runtime or Runtime.create(config.device), revision=spec.revision,
                                image_column=spec.image_column, image_size=size, num_workers=spec.num_workers,
-                               seed=config.seed, limit=spec.limit, require_labels=False)
+                               seed=config.seed, limit=spec.limit, labels=False)
         return stream, None
     ds = load_image_dataset(resolve_source(spec.source), spec.split, revision=spec.revision, image_column=spec.image_column,
                             label_column=spec.label_column, group_column=group_column, image_size=size, limit=spec.limit)
@@ -274,9 +274,14 @@ def pretrain(
         batch = obj.batch_size
         if len(ds) < batch:
             raise SynthgenError(f"{len(ds)} images < batch_size={batch}: not one full batch")
-        steps_per_epoch = len(ds) // batch
     if batch % rt.world_size:
         raise SynthgenError(f"the global batch ({batch} images) does not split evenly over {rt.world_size} processes")
+    if sampler is None:
+        # a stream's batches: under DDP the fewest full batches any process has in any epoch
+        steps_per_epoch = ds.batches_per_epoch(batch, config.schedule.epochs) if streamed else len(ds) // batch
+        if steps_per_epoch == 0:
+            raise SynthgenError(f"{len(ds)} streamed images give a process no full batch of {batch // rt.world_size}; "
+                                "lower objective.batch_size")
     total_steps = config.schedule.epochs * steps_per_epoch
     if config.schedule.max_steps is not None:
         total_steps = min(total_steps, config.schedule.max_steps)
@@ -346,7 +351,7 @@ def pretrain(
 
     def epoch_batches(epoch: int, gen: torch.Generator):
         if streamed:
-            yield from ((x, None) for x, _ in ds.epoch(batch, epoch, drop_last=True))
+            yield from ((x, None) for x, _ in ds.epoch(batch, epoch, drop_last=True, batches=steps_per_epoch))
             return
         if sampler is not None:
             sampler.set_epoch(epoch)

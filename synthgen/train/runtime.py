@@ -266,10 +266,14 @@ class Runtime:
         dist.all_reduce(out)
         return out
 
-    def shard(self, indices: torch.Tensor) -> torch.Tensor:
-        """This process's share of one global batch of row indices (contiguous, equal sizes)."""
+    def shard(self, indices: torch.Tensor, *, every_row: bool = False) -> torch.Tensor:
+        """This process's share of one global batch of row indices: contiguous, equal sizes (a
+        training batch, whose size divides by the world size); ``every_row``: sizes differing by at
+        most one, so the processes together take every row once (scoring)."""
         if not self.distributed:
             return indices
+        if every_row:
+            return torch.tensor_split(indices, self.world_size)[self.rank]
         n = indices.shape[0] // self.world_size
         return indices[self.rank * n : (self.rank + 1) * n]
 

@@ -6,7 +6,9 @@ parquet file, or a Hub id at a revision), shuffles shard order and a buffer of r
 (``set_epoch``), and lets ``torch.utils.data.DataLoader`` workers read and decode the shards in
 parallel (each worker takes whole shards). Memory holds a shuffle buffer and a few batches per
 worker, whatever the size of the dataset. Under DDP each process reads its own share of the shards
-(``datasets.distributed.split_dataset_by_node``) and gets ``batch_size / world_size`` rows a batch.
+(dealt per epoch, the same plan on every process) and gets ``batch_size / world_size`` rows a batch;
+each worker's short last batch is joined with the others', and a training epoch stops every process
+after the same number of full batches (:meth:`StreamBatches.batches_per_epoch` plans it).
 
 Where images are decoded (``decode``; ``"auto"``: on a GPU when the shards hold JPEG, else workers):
 
@@ -45,6 +47,35 @@ def _shard_rows(files: list[str]) -> list[int]:
         with fsspec.open(f, "rb") as fh:
             rows.append(pq.ParquetFile(fh).metadata.num_rows)
     return rows
+
+
+def _first_rows(files: list[tuple[str, int]], limit: int | None) -> list[tuple[str, int]]:
+    """``(shard, rows kept)`` for the first ``limit`` rows, in file order (all rows when None)."""
+    keep, left = [], (sum(r for _, r in files) if limit is None else limit)
+    for f, r in files:
+        if left <= 0:
+            break
+        keep.append((f, min(r, left)))
+        left -= r
+    return keep
+
+
+def _string_classes(files: list[tuple[str, int]], column: str, desc: str) -> list[str]:
+    """The class names of a string label column over the rows kept, numbered as the decoded path numbers them."""
+    import fsspec
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from synthgen.train.data import string_class_names
+
+    names: set[str] = set()
+    for path, keep in files:
+        with fsspec.open(path, "rb") as fh:
+            col = pq.read_table(fh, columns=[column]).column(0).slice(0, keep)
+        if col.null_count:
+            raise SynthgenError(f"{desc}: the label column {column!r} has empty (null) cells")
+        names.update(pc.unique(col).to_pylist())
+    return string_class_names(names)
 
 
 def _first_is_jpeg(path: str, column: str) -> bool:
@@ -114,8 +145,8 @@ class _ShardReader(torch.utils.data.IterableDataset):
 class _Decode:
     """A record batch -> (uint8 ``[b, 3, H, W]`` or a list of encoded bytes, labels); in the workers."""
 
-    def __init__(self, image_column, label_column, image_size, base_dir, raw: bool):
-        self.image_column, self.label_column = image_column, label_column
+    def __init__(self, image_column, label_column, image_size, base_dir, raw: bool, label_ids: dict | None = None):
+        self.image_column, self.label_column, self.label_ids = image_column, label_column, label_ids
         self.image_size, self.base_dir, self.raw = image_size, base_dir, raw
 
     def __call__(self, table):
@@ -125,11 +156,33 @@ class _Decode:
         if self.label_column is None:
             labels = torch.full((len(cells),), -1, dtype=torch.long)
         else:
-            labels = torch.tensor(table.column(self.label_column).to_pylist(), dtype=torch.long)
+            values = table.column(self.label_column).to_pylist()
+            if self.label_ids is not None:  # string labels: their class ids
+                values = [self.label_ids[v] for v in values]
+            labels = torch.tensor(values, dtype=torch.long)
         if self.raw:
             return [c["bytes"] for c in cells], labels
         arrays = [_decode_one(c, self.base_dir, self.image_size) for c in cells]
         return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))), labels
+
+
+def _full_batches(loader, size: int):
+    """``loader``'s batches with the short ones (each worker's last) joined into full ones; the rows
+    left over come last, as one short batch."""
+    rest = None
+    for data, labels in loader:
+        if len(labels) == size:
+            yield data, labels
+            continue
+        if rest is not None:  # images are a uint8 tensor, or a list of encoded bytes
+            data = torch.cat([rest[0], data]) if isinstance(data, torch.Tensor) else rest[0] + data
+            labels = torch.cat([rest[1], labels])
+        rest = data, labels
+        if len(labels) >= size:
+            yield data[:size], labels[:size]
+            rest = data[size:], labels[size:]
+    if rest is not None and len(rest[1]):
+        yield rest
 
 
 class StreamBatches:
@@ -148,6 +201,7 @@ class StreamBatches:
         limit: int | None = None,
         shuffle_buffer: int = 2048,
         require_labels: bool = True,
+        labels: bool = True,
         label_map=None,
         decode: str = "auto",
     ) -> None:
@@ -188,17 +242,17 @@ class StreamBatches:
             raise SynthgenError(f"cannot stream {source}[{split}]: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
 
         image_column, label_column, _ = _detect_columns(SimpleNamespace(features=features), source, split, image_column, label_column, None)
-        if require_labels and label_column is None:
+        if not labels:  # the caller ignores labels (pre-training): none are read
+            label_column = None
+        elif require_labels and label_column is None:
             raise SynthgenError(f"{source}[{split}] has no label column (no ClassLabel feature and no column named label/labels)")
+        keep = _first_rows(list(zip(files, _shard_rows(files))), limit)  # a limit keeps the first rows, in file order
         feat = features.get(label_column) if label_column else None
         self.class_names = list(feat.names) if isinstance(feat, datasets.ClassLabel) else None
-        rows = _shard_rows(files)
-        keep, left = [], (sum(rows) if limit is None else limit)
-        for f, r in zip(files, rows):  # a limit keeps the first rows, in file order
-            if left <= 0:
-                break
-            keep.append((f, min(r, left)))
-            left -= r
+        label_ids = None
+        if isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string"):
+            self.class_names = _string_classes(keep, label_column, f"{source}[{split}]")
+            label_ids = {n: i for i, n in enumerate(self.class_names)}
         self._files = keep
         self.n = sum(k for _, k in keep)
         self.n_shards = len(keep)
@@ -209,7 +263,7 @@ class StreamBatches:
             decode = "device" if runtime.device.type == "cuda" and _first_is_jpeg(keep[0][0], image_column) else "workers"
         self.decode = decode
         base_dir = path if local and os.path.isdir(path) else (os.path.dirname(path) if local else None)
-        self._decode_fn = _Decode(image_column, label_column, image_size, base_dir, raw=decode == "device")
+        self._decode_fn = _Decode(image_column, label_column, image_size, base_dir, raw=decode == "device", label_ids=label_ids)
         self.image_size = image_size
         self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.long)
         self.source = {"id": path, "revision": revision, "sha": commit, "split": split, "streamed": True, "shards": self.n_shards}
@@ -220,19 +274,29 @@ class StreamBatches:
     def describe(self) -> str:
         return f"{self.source['id']}[{self.source['split']}]: {self.n} images (streamed)"
 
-    def _loader(self, batch: int, epoch: int, shuffle: bool):
-        """This process's DataLoader for one epoch, and how many batches every process yields."""
+    def _shares(self, epoch: int, shuffle: bool) -> list[list[tuple[str, int]]]:
+        """Every process's shards for one epoch (the same plan on every process)."""
+        return _deal(self._files, self.seed, epoch, shuffle, self.runtime.world_size)
+
+    def batches_per_epoch(self, batch_size: int, epochs: int = 1) -> int:
+        """Full global batches of ``batch_size`` every process has in each shuffled epoch ``0 ..
+        epochs - 1``: under DDP the fewest (how shards fall to processes changes per epoch), else
+        ``len // batch_size``. ``epoch(..., drop_last=True, batches=this)`` yields exactly this many."""
+        rt = self.runtime
+        if not rt.distributed:
+            return self.n // batch_size
+        local = batch_size // rt.world_size
+        return min(sum(k for _, k in share) // local for e in range(epochs) for share in self._shares(e, True))
+
+    def _loader(self, files: list[tuple[str, int]], batch: int, epoch: int, shuffle: bool):
+        """A DataLoader over ``files``: batches of ``batch`` rows, each worker's last one short."""
         from torch.utils.data import DataLoader
 
         rt = self.runtime
-        shares = _deal(self._files, self.seed, epoch, shuffle, rt.world_size)
-        steps = min(sum(k for _, k in share) // batch for share in shares) if rt.distributed else None
-        mine = shares[rt.rank]
-        workers = min(self.num_workers, len(mine))
-        reader = _ShardReader(mine, self._columns, batch, self._decode_fn, self.seed + rt.rank, epoch, shuffle, max(batch, self.shuffle_buffer))
-        loader = DataLoader(reader, batch_size=None, num_workers=workers, pin_memory=rt.device.type == "cuda",
-                            prefetch_factor=4 if workers else None)
-        return loader, steps
+        workers = min(self.num_workers, len(files))
+        reader = _ShardReader(files, self._columns, batch, self._decode_fn, self.seed + rt.rank, epoch, shuffle, max(batch, self.shuffle_buffer))
+        return DataLoader(reader, batch_size=None, num_workers=workers, pin_memory=rt.device.type == "cuda",
+                          prefetch_factor=4 if workers else None)
 
     def _to_device(self, data) -> torch.Tensor:
         rt = self.runtime
@@ -259,36 +323,55 @@ class StreamBatches:
                     .round_().clamp_(0, 255).to(torch.uint8)[0] if i.shape[-2:] != (s, s) else i for i in imgs]
         return torch.stack(imgs)
 
-    def epoch(self, batch_size: int, generator_or_epoch=None, *, drop_last: bool = False, min_batch: int = 2
-              ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def epoch(self, batch_size: int, generator_or_epoch=None, *, drop_last: bool = False, min_batch: int = 2,
+              batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """One pass: shuffled (shard order + a row buffer, a function of ``seed`` and the epoch) unless
-        ``generator_or_epoch`` is None. ``batch_size`` is global; this process gets its share."""
+        ``generator_or_epoch`` is None. ``batch_size`` is global; this process gets its share.
+
+        A process with ``r`` rows yields ``r // share`` full batches (the workers' short last batches
+        are joined), then the rest unless ``drop_last`` or fewer than ``min_batch``. A shuffled pass
+        stops after ``batches`` batches; under DDP it yields full batches only, and without
+        ``batches`` the epoch's fewest, so every process takes the same number of steps. An in-order
+        pass (scoring) yields every row of this process's shards once."""
         rt = self.runtime
         if isinstance(generator_or_epoch, torch.Generator):  # the tensor path's generator: draw an epoch number from it
             epoch = int(torch.randint(0, 2**31 - 1, (1,), generator=generator_or_epoch))
         else:
             epoch = generator_or_epoch
+        scoring = epoch is None
         local = batch_size // rt.world_size
-        loader, steps = self._loader(local, 0 if epoch is None else epoch, shuffle=epoch is not None)
-        for i, (data, labels) in enumerate(loader):
-            if steps is not None and i >= steps:
-                break  # every process yields the same number of batches (collectives stay in step)
-            if len(labels) < local and (drop_last or len(labels) < min_batch or rt.distributed):
-                continue
-            x = self._to_device(data)
-            y = labels.to(rt.device, non_blocking=True)
-            if self.label_map is not None:
-                y = self.label_map.to(rt.device)[y]
-            yield x, (None if self._decode_fn.label_column is None else y)
+        shares = self._shares(0 if scoring else epoch, shuffle=not scoring)
+        if scoring:
+            batches = None
+        elif rt.distributed:
+            drop_last = True  # a short batch on one process only would put the processes out of step
+            fewest = min(sum(k for _, k in share) for share in shares) // local
+            batches = fewest if batches is None else min(batches, fewest)
+        if batches is not None and batches <= 0:
+            return
+        yielded = 0
+        for data, labels in _full_batches(self._loader(shares[rt.rank], local, 0 if scoring else epoch, shuffle=not scoring), local):
+            if len(labels) < local and (drop_last or len(labels) < min_batch):
+                break  # the short rest (it comes last)
+            yield self._batch(data, labels)
+            yielded += 1
+            if batches is not None and yielded >= batches:
+                return  # every process yields the same number of batches (collectives stay in step)
+
+    def _batch(self, data, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._to_device(data)
+        y = labels.to(self.runtime.device, non_blocking=True)
+        if self.label_map is not None:
+            y = self.label_map.to(self.runtime.device)[y]
+        return x, (None if self._decode_fn.label_column is None else y)
 
     def channel_stats(self, max_images: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean/std of the first ``max_images`` images of the stream (in order)."""
+        """Per-channel mean/std of the split's first ``max_images`` rows (in file order): the same
+        rows, read the same way, so the same statistics on every process."""
         from synthgen.train.data import channel_stats
 
-        seen, parts = 0, []
-        for x, _ in self.epoch(256, None, min_batch=1):
-            parts.append(x.cpu())
-            seen += len(x)
-            if seen >= max_images:
-                break
-        return channel_stats(torch.cat(parts)[:max_images])
+        first = _first_rows(self._files, max_images)
+        parts = [self._to_device(data).cpu() for data, _ in self._loader(first, 256, 0, shuffle=False)]
+        if not parts:
+            raise SynthgenError(f"{self.describe()}: no images to compute the normalization statistics from")
+        return channel_stats(torch.cat(parts))
