@@ -260,3 +260,71 @@ def test_synthetic_runs_validate_on_real_held_out_images_and_never_read_test(tmp
     stopped = cas.train_cas_classifier(synthetic, splits.val, p.model_copy(update={"epochs": 5}), device="cpu",
                                        callbacks=[LambdaCallback(lambda e, m: e >= 1)])
     assert stopped.metrics["epochs_run"] == 1 and stopped.metrics["stopped_early"]
+
+
+def test_scales_fit_on_nested_prefixes_of_one_seeded_shuffle(tmp_path, cifar_rows, capsys, monkeypatch):
+    """A class-sorted synthetic set (an imagefolder export is one): scale x1 fits on the first unit of
+    a permutation seeded by --seed, not on the first rows (which would be 3 classes out of 10), x2 on
+    a superset; a class the x1 rows lack (one 'truck' image, placed outside them) is recorded and warned."""
+    import torch
+
+    from synthgen.train import cas
+
+    seed, n = 3, 600
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    labels = list(cifar_rows["label"])
+    trucks = [i for i, y in enumerate(labels) if NAMES[y] == "truck"]
+    others = sorted((i for i, y in enumerate(labels) if NAMES[y] != "truck"), key=lambda i: labels[i])[: n - 1]
+    order = others[:]
+    order.insert(int(perm[-1]), trucks[0])  # the one truck sits at the row the shuffle puts last
+    syn = write_folder(tmp_path / "sorted", cifar_rows.select(order), NAMES)
+    syn_labels = torch.tensor([labels[i] for i in order])
+    assert len(set(syn_labels[:300].tolist()) - {9}) <= 5  # the first 300 rows: a few classes only
+
+    fitted = []
+    real_train = cas.train_classifier
+
+    def spy(model, train, val, *a, **k):
+        fitted.append(train.labels.clone())
+        return real_train(model, train, val, *a, **k)
+
+    monkeypatch.setattr(cas, "train_classifier", spy)
+    out = tmp_path / "res.json"
+    rc, stdout, err = run_cli(["cas", str(syn), "--real", str(CIFAR), "--scales", "1,2", "--seed", str(seed), "--no-cache",
+                               "--output", str(out), *FAST], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    x1, x2 = res["runs"]
+    first = torch.sort(perm[:300]).values
+    assert torch.equal(fitted[1], syn_labels[first]) and torch.equal(fitted[2], syn_labels)  # x2 = every row
+    assert len(set(fitted[1].tolist())) == 9 and torch.bincount(fitted[1]).max() <= 50  # ~33 a class, not sorted
+    assert x1["missing_classes"] == ["truck"] and x2["missing_classes"] == [] and res["missing_classes"] == []
+    assert "warning" in err and "scale x1 (300 images) has no images of 1 class(es)" in err and "truck" in err
+    import hashlib
+
+    s = res["scale_sampling"]
+    assert (s["seed"], s["rows"]) == (seed, n) and "randperm" in s["method"]
+    assert s["sha256"] == hashlib.sha256(perm.numpy().astype("<i8").tobytes()).hexdigest()
+    # the real held-out validation images are unchanged for every run
+    assert [(r["n_train"], r["n_val"]) for r in res["runs"]] == [(300, 100), (600, 100)]
+    assert res["real"]["validation"]["subset"] == "[300:400]"
+
+
+def test_real_test_split_with_string_labels_is_matched_by_name():
+    """String labels are numbered per split: a real test split lacking a class gets the training split's ids."""
+    import torch
+
+    from synthgen.errors import SynthgenError
+    from synthgen.train.cas import load_real_splits
+    from synthgen.train.data import ImageTensorDataset
+
+    imgs = torch.zeros(20, 3, 8, 8, dtype=torch.uint8)
+    train = ImageTensorDataset(imgs, torch.arange(20) % 10, class_names=NAMES)
+    test_names = NAMES[1:]  # no airplane: 'automobile' is id 0 here
+    test = ImageTensorDataset(imgs[:9], torch.arange(9), class_names=test_names)
+    p = small_protocol("real_fit=10", "real_val=10", "limit_real_test=null")
+    splits = load_real_splits((train, test), p, with_test=True)
+    assert splits.test.labels.tolist() == list(range(1, 10)) and splits.test.class_names == NAMES
+    odd = ImageTensorDataset(imgs[:2], torch.tensor([0, 1]), class_names=["cat", "lorry"])
+    with pytest.raises(SynthgenError, match=r"1 real test split 'test' label name\(s\) not in the real training split 'train': 'lorry'"):
+        load_real_splits((train, odd), p, with_test=True)
