@@ -94,6 +94,7 @@ def test_cas_cli_end_to_end_with_scales(tmp_path, cifar_rows, capsys):
     values = res["protocol"]["values"]
     assert values["model"] == "resnet20" and values["epochs"] == 1 and values["name"] == "cas-lomurno"
     assert values["label_smoothing"] == 0.1 and values["lr"] == 1e-3 and values["normalization"] == "unit"
+    assert values["adam_eps"] == 1e-7 and values["model_init"] == "keras"  # Keras' epsilon and initialisers
     assert res["protocol"]["file"].endswith("train/cas-lomurno.yaml") and len(res["protocol"]["hash"]) == 16
     import hashlib
 
@@ -328,3 +329,51 @@ def test_real_test_split_with_string_labels_is_matched_by_name():
     odd = ImageTensorDataset(imgs[:2], torch.tensor([0, 1]), class_names=["cat", "lorry"])
     with pytest.raises(SynthgenError, match=r"1 real test split 'test' label name\(s\) not in the real training split 'train': 'lorry'"):
         load_real_splits((train, odd), p, with_test=True)
+
+
+def test_lomurno_protocol_trains_with_keras_epsilon_and_initialisers(monkeypatch):
+    """cas-lomurno: Adam eps 1e-7 (Keras' default) and their Keras initialisers (HeNormal convs,
+    GlorotNormal Dense, zero biases); other protocols and TrainConfig keep torch's defaults."""
+    import torch
+
+    from synthgen.train import cas, classify
+    from synthgen.train.classify import TrainConfig
+    from synthgen.train.data import ImageTensorDataset
+    from synthgen.train.models import create_model, keras_init_
+
+    assert TrainConfig().adam_eps == 1e-8
+    carved = cas.load_cas_protocol("cas-carved-val")[0]
+    assert (carved.adam_eps, carved.model_init) == (1e-8, "torch")
+
+    seen = {}
+    real_build, real_train = classify.build_optimizer, cas.train_classifier
+
+    def spy_build(*a, **k):
+        seen["opt"] = real_build(*a, **k)
+        return seen["opt"]
+
+    def spy_train(model, *a, **k):
+        seen["fc_bias"] = model.fc.bias.detach().clone()
+        return real_train(model, *a, **k)
+
+    monkeypatch.setattr(classify, "build_optimizer", spy_build)
+    monkeypatch.setattr(cas, "train_classifier", spy_train)
+    g = torch.Generator().manual_seed(0)
+    data = ImageTensorDataset(torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(16) % 10,
+                              class_names=NAMES)
+    for proto, eps, zero_bias in ((small_protocol("max_steps=1"), 1e-7, True),
+                                  (small_protocol("max_steps=1", "adam_eps=1e-8", "model_init=torch"), 1e-8, False)):
+        cas.train_cas_classifier(data, data, proto, device="cpu")
+        assert seen["opt"].param_groups[0]["eps"] == eps
+        assert bool((seen["fc_bias"] == 0).all()) is zero_bias
+
+    # the initialisers themselves: truncated normals with Keras' variances (std / 0.8796, cut at 2 std)
+    torch.manual_seed(0)
+    model = keras_init_(create_model("resnet20_w64", 10))
+    fc = model.fc.weight
+    glorot = (2 / (256 + 10)) ** 0.5
+    assert fc.abs().max() <= 2 * glorot / 0.87962566103423978 and abs(fc.std().item() / glorot - 1) < 0.05
+    conv = model.layer3[0].conv1.weight  # 128 -> 256 channels: fan_in 128 * 9
+    he = (2 / (128 * 9)) ** 0.5
+    assert conv.abs().max() <= 2 * he / 0.87962566103423978 and abs(conv.std().item() / he - 1) < 0.01
+    assert all(bool((m.bias == 0).all()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

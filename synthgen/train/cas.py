@@ -2,8 +2,9 @@
 
 A CAS **protocol** is a YAML file in ``train/`` (``kind: cas``), validated by :class:`CASProtocol`
 and overridable with ``--set key=value``. ``cas-lomurno`` (the default) is exact to Lomurno et al.'s
-published code: their ResNet-20 with 64 initial filters, Adam 1e-3, label smoothing 0.1, batch 256,
-Keras' ReduceLROnPlateau (patience 10) and early stopping (patience 25, best weights restored) on
+published code: their ResNet-20 with 64 initial filters and Keras initialisers, Adam 1e-3 (Keras'
+epsilon 1e-7: torch adds it after bias correction, the same from ~4k steps on), label smoothing 0.1,
+batch 256, Keras' ReduceLROnPlateau (patience 10) and early stopping (patience 25, best weights restored) on
 the validation accuracy, inputs rescaled to [0, 1]; the real baseline fits on the first 40,000 real
 training images and validates on the next 10,000, and a synthetic run at scale xk fits on
 k x 40,000 synthetic images (the first k x 40,000 of one seeded shuffle: scales nest) and validates
@@ -41,7 +42,7 @@ from synthgen.errors import SynthgenError
 from synthgen.train.callbacks import Callback, EarlyStopping, ReduceLROnPlateau
 from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
 from synthgen.train.data import ImageTensorDataset, load_image_dataset, match_labels, relabel_by_name, split_train_val
-from synthgen.train.models import create_model
+from synthgen.train.models import create_model, keras_init_
 from synthgen.train.runtime import Runtime, compile_mode
 
 __all__ = [
@@ -98,6 +99,8 @@ class CASProtocol(TrainConfig):
     kind: Literal["cas"] = "cas"
     name: str = DEFAULT_PROTOCOL
     model: str = "resnet20_w64"
+    # torch: each layer's own initialisation; keras: Lomurno et al.'s Keras initialisers (see keras_init_)
+    model_init: Literal["torch", "keras"] = "torch"
     normalization: Literal["dataset", "unit", "cifar", "imagenet", "half"] = "unit"
     real_fit: Optional[int] = Field(40000, ge=1)  # the first N real training images fit the baseline (null: all)
     real_val: Optional[int] = Field(10000, ge=1)  # the next N are the real held-out validation images
@@ -311,6 +314,8 @@ def train_cas_classifier(
     rt = runtime or Runtime.create(device, amp=protocol.amp, compile=protocol.compile)
     torch.manual_seed(seed)
     model = create_model(protocol.model, len(fit.class_names), image_size=fit.image_size[0])
+    if protocol.model_init == "keras":
+        keras_init_(model)
     own = protocol_callbacks(protocol, model) if val is not None else []
     res = train_classifier(model, fit, val, protocol, runtime=rt, callbacks=[*own, *callbacks], seed=seed,
                            quiet=quiet, console=console, desc=desc)
