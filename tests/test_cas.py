@@ -94,6 +94,7 @@ def test_cas_cli_end_to_end_with_scales(tmp_path, cifar_rows, capsys):
     values = res["protocol"]["values"]
     assert values["model"] == "resnet20" and values["epochs"] == 1 and values["name"] == "cas-lomurno"
     assert values["label_smoothing"] == 0.1 and values["lr"] == 1e-3 and values["normalization"] == "unit"
+    assert values["adam_eps"] == 1e-7 and values["model_init"] == "keras"  # Keras' epsilon and initialisers
     assert res["protocol"]["file"].endswith("train/cas-lomurno.yaml") and len(res["protocol"]["hash"]) == 16
     import hashlib
 
@@ -260,3 +261,119 @@ def test_synthetic_runs_validate_on_real_held_out_images_and_never_read_test(tmp
     stopped = cas.train_cas_classifier(synthetic, splits.val, p.model_copy(update={"epochs": 5}), device="cpu",
                                        callbacks=[LambdaCallback(lambda e, m: e >= 1)])
     assert stopped.metrics["epochs_run"] == 1 and stopped.metrics["stopped_early"]
+
+
+def test_scales_fit_on_nested_prefixes_of_one_seeded_shuffle(tmp_path, cifar_rows, capsys, monkeypatch):
+    """A class-sorted synthetic set (an imagefolder export is one): scale x1 fits on the first unit of
+    a permutation seeded by --seed, not on the first rows (which would be 3 classes out of 10), x2 on
+    a superset; a class the x1 rows lack (one 'truck' image, placed outside them) is recorded and warned."""
+    import torch
+
+    from synthgen.train import cas
+
+    seed, n = 3, 600
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    labels = list(cifar_rows["label"])
+    trucks = [i for i, y in enumerate(labels) if NAMES[y] == "truck"]
+    others = sorted((i for i, y in enumerate(labels) if NAMES[y] != "truck"), key=lambda i: labels[i])[: n - 1]
+    order = others[:]
+    order.insert(int(perm[-1]), trucks[0])  # the one truck sits at the row the shuffle puts last
+    syn = write_folder(tmp_path / "sorted", cifar_rows.select(order), NAMES)
+    syn_labels = torch.tensor([labels[i] for i in order])
+    assert len(set(syn_labels[:300].tolist()) - {9}) <= 5  # the first 300 rows: a few classes only
+
+    fitted = []
+    real_train = cas.train_classifier
+
+    def spy(model, train, val, *a, **k):
+        fitted.append(train.labels.clone())
+        return real_train(model, train, val, *a, **k)
+
+    monkeypatch.setattr(cas, "train_classifier", spy)
+    out = tmp_path / "res.json"
+    rc, stdout, err = run_cli(["cas", str(syn), "--real", str(CIFAR), "--scales", "1,2", "--seed", str(seed), "--no-cache",
+                               "--output", str(out), *FAST], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    x1, x2 = res["runs"]
+    first = torch.sort(perm[:300]).values
+    assert torch.equal(fitted[1], syn_labels[first]) and torch.equal(fitted[2], syn_labels)  # x2 = every row
+    assert len(set(fitted[1].tolist())) == 9 and torch.bincount(fitted[1]).max() <= 50  # ~33 a class, not sorted
+    assert x1["missing_classes"] == ["truck"] and x2["missing_classes"] == [] and res["missing_classes"] == []
+    assert "warning" in err and "scale x1 (300 images) has no images of 1 class(es)" in err and "truck" in err
+    import hashlib
+
+    s = res["scale_sampling"]
+    assert (s["seed"], s["rows"]) == (seed, n) and "randperm" in s["method"]
+    assert s["sha256"] == hashlib.sha256(perm.numpy().astype("<i8").tobytes()).hexdigest()
+    # the real held-out validation images are unchanged for every run
+    assert [(r["n_train"], r["n_val"]) for r in res["runs"]] == [(300, 100), (600, 100)]
+    assert res["real"]["validation"]["subset"] == "[300:400]"
+
+
+def test_real_test_split_with_string_labels_is_matched_by_name():
+    """String labels are numbered per split: a real test split lacking a class gets the training split's ids."""
+    import torch
+
+    from synthgen.errors import SynthgenError
+    from synthgen.train.cas import load_real_splits
+    from synthgen.train.data import ImageTensorDataset
+
+    imgs = torch.zeros(20, 3, 8, 8, dtype=torch.uint8)
+    train = ImageTensorDataset(imgs, torch.arange(20) % 10, class_names=NAMES)
+    test_names = NAMES[1:]  # no airplane: 'automobile' is id 0 here
+    test = ImageTensorDataset(imgs[:9], torch.arange(9), class_names=test_names)
+    p = small_protocol("real_fit=10", "real_val=10", "limit_real_test=null")
+    splits = load_real_splits((train, test), p, with_test=True)
+    assert splits.test.labels.tolist() == list(range(1, 10)) and splits.test.class_names == NAMES
+    odd = ImageTensorDataset(imgs[:2], torch.tensor([0, 1]), class_names=["cat", "lorry"])
+    with pytest.raises(SynthgenError, match=r"1 real test split 'test' label name\(s\) not in the real training split 'train': 'lorry'"):
+        load_real_splits((train, odd), p, with_test=True)
+
+
+def test_lomurno_protocol_trains_with_keras_epsilon_and_initialisers(monkeypatch):
+    """cas-lomurno: Adam eps 1e-7 (Keras' default) and their Keras initialisers (HeNormal convs,
+    GlorotNormal Dense, zero biases); other protocols and TrainConfig keep torch's defaults."""
+    import torch
+
+    from synthgen.train import cas, classify
+    from synthgen.train.classify import TrainConfig
+    from synthgen.train.data import ImageTensorDataset
+    from synthgen.train.models import create_model, keras_init_
+
+    assert TrainConfig().adam_eps == 1e-8
+    carved = cas.load_cas_protocol("cas-carved-val")[0]
+    assert (carved.adam_eps, carved.model_init) == (1e-8, "torch")
+
+    seen = {}
+    real_build, real_train = classify.build_optimizer, cas.train_classifier
+
+    def spy_build(*a, **k):
+        seen["opt"] = real_build(*a, **k)
+        return seen["opt"]
+
+    def spy_train(model, *a, **k):
+        seen["fc_bias"] = model.fc.bias.detach().clone()
+        return real_train(model, *a, **k)
+
+    monkeypatch.setattr(classify, "build_optimizer", spy_build)
+    monkeypatch.setattr(cas, "train_classifier", spy_train)
+    g = torch.Generator().manual_seed(0)
+    data = ImageTensorDataset(torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(16) % 10,
+                              class_names=NAMES)
+    for proto, eps, zero_bias in ((small_protocol("max_steps=1"), 1e-7, True),
+                                  (small_protocol("max_steps=1", "adam_eps=1e-8", "model_init=torch"), 1e-8, False)):
+        cas.train_cas_classifier(data, data, proto, device="cpu")
+        assert seen["opt"].param_groups[0]["eps"] == eps
+        assert bool((seen["fc_bias"] == 0).all()) is zero_bias
+
+    # the initialisers themselves: truncated normals with Keras' variances (std / 0.8796, cut at 2 std)
+    torch.manual_seed(0)
+    model = keras_init_(create_model("resnet20_w64", 10))
+    fc = model.fc.weight
+    glorot = (2 / (256 + 10)) ** 0.5
+    assert fc.abs().max() <= 2 * glorot / 0.87962566103423978 and abs(fc.std().item() / glorot - 1) < 0.05
+    conv = model.layer3[0].conv1.weight  # 128 -> 256 channels: fan_in 128 * 9
+    he = (2 / (128 * 9)) ** 0.5
+    assert conv.abs().max() <= 2 * he / 0.87962566103423978 and abs(conv.std().item() / he - 1) < 0.01
+    assert all(bool((m.bias == 0).all()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -308,3 +308,54 @@ def test_pretrain_with_a_missing_dataset_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     rc, _, err = _run_cli(["pretrain", "rotation-vit-demo", "--set", f"dataset.source={tmp_path / 'nowhere'}", "--out", str(out)], capsys)
     assert rc == 1 and "not found" in err and not out.exists()
+
+
+def _string_label_copy(root: Path, n_train: int, n_test: int, rename: dict | None = None) -> tuple[Path, Path]:
+    """Two Hub-layout copies of the first CIFAR-10 rows, the test split without airplanes: one with
+    the ClassLabel column, one with the class NAMES as plain strings (``rename`` changes some test names)."""
+    import datasets
+
+    src = CIFAR10 / "data"
+    tr = datasets.load_dataset("parquet", data_files=str(src / "train-00000-of-00002.parquet"), split="train").select(range(n_train))
+    te = datasets.load_dataset("parquet", data_files=str(src / "test-00000-of-00001.parquet"), split="train").select(range(n_test))
+    te = te.filter(lambda r: r["label"] != 0)  # no 'airplane' (class 0) in test
+    names = tr.features["label"].names
+
+    def as_strings(d, rename):
+        d = d.cast_column("label", datasets.Value("int64"))
+        return d.map(lambda r: {"name": rename.get(names[r["label"]], names[r["label"]])}).remove_columns("label").rename_column("name", "label")
+
+    out = []
+    for kind, conv in (("classlabel", lambda d, _: d), ("strings", as_strings)):
+        folder = root / kind
+        (folder / "data").mkdir(parents=True)
+        conv(tr, {}).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+        conv(te, rename or {}).to_parquet(str(folder / "data" / "test-00000-of-00001.parquet"))
+        out.append(folder)
+    return out[0], out[1]
+
+
+@needs_cifar
+def test_string_labels_of_the_test_split_map_onto_the_train_split_by_name(tmp_path):
+    """String labels are numbered per split; with no airplane in the test split its ids would shift by
+    one (top-1 about 8%). Matched by name, pixel k-NN scores exactly what the ClassLabel copy does."""
+    from synthgen.train.evaluate import evaluate
+
+    classlabel, strings = _string_label_copy(tmp_path, 1000, 500)
+    args = ["checkpoint=null", "model={name: pixels}", "knn.k=[20]", "device=cpu"]
+    ref = evaluate(load_eval_config("knn-cifar10", [f"dataset.source={classlabel}", *args]), progress=False)
+    got = evaluate(load_eval_config("knn-cifar10", [f"dataset.source={strings}", *args]), progress=False)
+    assert ref["datasets"]["sizes"]["test"] == got["datasets"]["sizes"]["test"] < 500
+    assert ref["top1"] > 0.2
+    assert got["top1"] == ref["top1"] and got["top5"] == ref["top5"]
+
+
+@needs_cifar
+def test_a_test_class_name_the_train_split_lacks_is_one_error(tmp_path):
+    from synthgen.train.evaluate import evaluate
+
+    _, strings = _string_label_copy(tmp_path, 200, 100, rename={"truck": "lorry"})
+    cfg = load_eval_config("knn-cifar10", [f"dataset.source={strings}", "checkpoint=null", "model={name: pixels}",
+                                           "knn.k=[5]", "device=cpu"])
+    with pytest.raises(SynthgenError, match=r"1 test split 'test' label name\(s\) not in the train split 'train': 'lorry'"):
+        evaluate(cfg, progress=False)

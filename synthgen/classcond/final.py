@@ -8,7 +8,8 @@ With stage 4's best settings (steps, guidance, UNet epoch, and stage 2's encoder
 2. builds ``max(scales)`` scale units of images into ``run_dir/dataset/`` with ``synthgen build``'s
    engine (the ``generation`` dataset recipe, ``prompts.kind: classes`` in the final class
    distribution, classes interleaved so that every prefix keeps it) -- resumable like any build;
-3. scores CAS at each scale ``xk`` on the first ``k`` units (``synthgen cas --scales``), writing
+3. scores CAS at each scale ``xk`` on ``k`` units (``synthgen cas --scales``: the first ``k`` units of
+   one seeded shuffle of the images), writing
    ``run_dir/cas/cas.json`` and the CAS-vs-scale curve (PNG and JSON).
 
 A scale unit is the protocol's: ``scale_unit``, or the real images its baseline fits on (40,000 for

@@ -52,7 +52,7 @@ def cas(
     real: str = typer.Option(..., "--real", help="Real dataset (local folder/parquet or Hub id) with a training and a test split."),
     protocol: str = typer.Option("cas-lomurno", "--protocol", "-p", help="A CAS protocol in train/ (cas-lomurno, cas-carved-val) or a YAML file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a protocol field, e.g. --set epochs=50 --set model=resnet20 (repeatable; values are YAML)."),
-    scales: Optional[str] = typer.Option(None, "--scales", help="Train on the first k scale units of synthetic images for each k, e.g. 1,2,5 or 1-10."),
+    scales: Optional[str] = typer.Option(None, "--scales", help="Train on k scale units of synthetic images for each k, e.g. 1,2,5 or 1-10: the first k units of one shuffle seeded by --seed (scales nest)."),
     seed: int = typer.Option(0, "--seed"),
     split: str = typer.Option("train", "--split", help="Split of the synthetic dataset."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (tag, branch, commit) of the synthetic dataset."),
@@ -91,6 +91,13 @@ def cas(
             f"[yellow]warning[/yellow]: the synthetic set has no images of {len(result['missing_classes'])} real "
             f"class(es): {', '.join(result['missing_classes'][:10])}", highlight=False, soft_wrap=True,
         )
+    for r in result["runs"]:
+        lacks = [n for n in r.get("missing_classes", []) if n not in result["missing_classes"]]
+        if r["scale"] is not None and lacks:
+            err_console.print(
+                f"[yellow]warning[/yellow]: scale x{r['scale']} ({r['n_images']} images) has no images of {len(lacks)} "
+                f"class(es) the synthetic set has: {', '.join(lacks[:10])}", highlight=False, soft_wrap=True,
+            )
     console.print(results_table(result))
     base = result["real_baseline"]
     console.print(

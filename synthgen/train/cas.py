@@ -2,11 +2,13 @@
 
 A CAS **protocol** is a YAML file in ``train/`` (``kind: cas``), validated by :class:`CASProtocol`
 and overridable with ``--set key=value``. ``cas-lomurno`` (the default) is exact to Lomurno et al.'s
-published code: their ResNet-20 with 64 initial filters, Adam 1e-3, label smoothing 0.1, batch 256,
-Keras' ReduceLROnPlateau (patience 10) and early stopping (patience 25, best weights restored) on
+published code: their ResNet-20 with 64 initial filters and Keras initialisers, Adam 1e-3 (Keras'
+epsilon 1e-7: torch adds it after bias correction, the same from ~4k steps on), label smoothing 0.1,
+batch 256, Keras' ReduceLROnPlateau (patience 10) and early stopping (patience 25, best weights restored) on
 the validation accuracy, inputs rescaled to [0, 1]; the real baseline fits on the first 40,000 real
 training images and validates on the next 10,000, and a synthetic run at scale xk fits on
-k x 40,000 synthetic images and validates on those SAME real held-out training images. The real
+k x 40,000 synthetic images (the first k x 40,000 of one seeded shuffle: scales nest) and validates
+on those SAME real held-out training images. The real
 test split only scores. ``cas-carved-val`` keeps the earlier split (45k/5k carved per run).
 
 Two levels of API:
@@ -39,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from synthgen.errors import SynthgenError
 from synthgen.train.callbacks import Callback, EarlyStopping, ReduceLROnPlateau
 from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
-from synthgen.train.data import ImageTensorDataset, load_image_dataset, split_train_val
-from synthgen.train.models import create_model
+from synthgen.train.data import ImageTensorDataset, load_image_dataset, match_labels, relabel_by_name, split_train_val
+from synthgen.train.models import create_model, keras_init_
 from synthgen.train.runtime import Runtime, compile_mode
 
 __all__ = [
@@ -97,6 +99,8 @@ class CASProtocol(TrainConfig):
     kind: Literal["cas"] = "cas"
     name: str = DEFAULT_PROTOCOL
     model: str = "resnet20_w64"
+    # torch: each layer's own initialisation; keras: Lomurno et al.'s Keras initialisers (see keras_init_)
+    model_init: Literal["torch", "keras"] = "torch"
     normalization: Literal["dataset", "unit", "cifar", "imagenet", "half"] = "unit"
     real_fit: Optional[int] = Field(40000, ge=1)  # the first N real training images fit the baseline (null: all)
     real_val: Optional[int] = Field(10000, ge=1)  # the next N are the real held-out validation images
@@ -180,34 +184,9 @@ def protocol_callbacks(protocol: CASProtocol, model: nn.Module) -> list[Callback
 # labels and data
 
 
-def _norm(name: str) -> str:
-    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
-
-
-def match_labels(synthetic_names: Sequence[str], real_names: Sequence[str]) -> torch.Tensor:
-    """``map[i]`` = the real class index of synthetic class ``i``, matched by name."""
-    exact = {n: i for i, n in enumerate(real_names)}
-    loose = {_norm(n): i for i, n in enumerate(real_names)}
-    out, unmatched = [], []
-    for n in synthetic_names:
-        j = exact.get(n, loose.get(_norm(n)))
-        if j is None:
-            unmatched.append(n)
-        out.append(-1 if j is None else j)
-    if unmatched:
-        shown = ", ".join(repr(n) for n in unmatched[:20]) + (f" (+{len(unmatched) - 20} more)" if len(unmatched) > 20 else "")
-        raise SynthgenError(
-            f"{len(unmatched)} synthetic label name(s) not in the real set: {shown}; "
-            f"real classes: {', '.join(real_names[:20])}{' ...' if len(real_names) > 20 else ''}"
-        )
-    return torch.tensor(out, dtype=torch.long)
-
-
 def relabel_to_real(syn: ImageTensorDataset, real_class_names: Sequence[str]) -> ImageTensorDataset:
     """``syn`` with its labels mapped to the real class ids by name (the class names become the real ones)."""
-    label_map = match_labels(syn.class_names, real_class_names)
-    return ImageTensorDataset(images=syn.images, labels=label_map[syn.labels], groups=syn.groups,
-                              class_names=list(real_class_names), source=syn.source)
+    return relabel_by_name(syn, real_class_names, what="synthetic", target="real set")
 
 
 def _load(source, split, revision, image_size, limit, image_column, label_column, role) -> ImageTensorDataset:
@@ -273,8 +252,9 @@ def load_real_splits(real, protocol: CASProtocol, *, revision: str | None = None
     if with_test:
         test = _load(real[1] if pair else real, test_split, None if pair else revision, p.image_size, p.limit_real_test,
                      None, None, "real test")
-        if test.class_names != train.class_names:
-            raise SynthgenError("the real training and test splits have different class names")
+        if test.class_names != train.class_names:  # string labels are numbered per split: match by name
+            test = relabel_by_name(test, train.class_names, what=f"real test split {test_split!r}",
+                                   target=f"real training split {train_split!r}")
         if test.image_size != size:
             raise SynthgenError(f"real test images are {test.image_size}, training images {size}")
     return RealSplits(train=train, fit=fit, val=val, test=test)
@@ -334,6 +314,8 @@ def train_cas_classifier(
     rt = runtime or Runtime.create(device, amp=protocol.amp, compile=protocol.compile)
     torch.manual_seed(seed)
     model = create_model(protocol.model, len(fit.class_names), image_size=fit.image_size[0])
+    if protocol.model_init == "keras":
+        keras_init_(model)
     own = protocol_callbacks(protocol, model) if val is not None else []
     res = train_classifier(model, fit, val, protocol, runtime=rt, callbacks=[*own, *callbacks], seed=seed,
                            quiet=quiet, console=console, desc=desc)
@@ -368,6 +350,11 @@ def _baseline_key(real: RealSplits, protocol: CASProtocol, seed: int, device: to
         "device": device.type,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _missing_classes(labels: torch.Tensor, names: Sequence[str]) -> list[str]:
+    present = set(torch.unique(labels).tolist())
+    return [n for i, n in enumerate(names) if i not in present]
 
 
 def _environment(device: torch.device) -> dict:
@@ -420,9 +407,8 @@ def cas_score(
         raise SynthgenError(f"synthetic images are {syn.image_size}, real ones {size}; resize them to the real resolution")
     syn_names = list(syn.class_names)
     label_map = match_labels(syn_names, names)
-    present = set(torch.unique(label_map[torch.unique(syn.labels)]).tolist())
-    missing = [n for i, n in enumerate(names) if i not in present]
     syn = relabel_to_real(syn, names)
+    missing = _missing_classes(syn.labels, names)
     unit = protocol.scale_unit or real_splits.scale_base
     scale_list = [int(k) for k in scales] if scales else []
     for k in scale_list:
@@ -434,6 +420,18 @@ def cas_score(
                       f"that is less than one scale unit ({unit} images); score it without --scales, or set scale_unit")
             raise SynthgenError(f"scale x{k} needs {k * unit} synthetic images (x{k} of {unit}) but "
                                 f"{syn.describe()} has {len(syn)}; {serves}")
+    # Scale xk fits on the first k*unit rows of ONE seeded permutation of the synthetic rows (so the
+    # scales nest), as Lomurno et al.'s load_data_syn shuffles its image list before take(k * 40000):
+    # a class-sorted set (an imagefolder export) would otherwise give x1 a few classes only. The run
+    # without --scales fits on every row. A class a scale's rows lack is recorded (warned by the CLI).
+    order = torch.randperm(len(syn), generator=torch.Generator().manual_seed(seed)) if scale_list else None
+    scale_rows = {k: torch.sort(order[: k * unit]).values for k in scale_list}
+    sampling = None if order is None else {
+        "method": "torch.randperm(rows, generator=torch.Generator().manual_seed(seed)); scale xk fits on "
+                  "the first k*scale_unit entries (sorted back to stored order)",
+        "seed": seed, "rows": len(syn),
+        "sha256": hashlib.sha256(order.numpy().astype("<i8").tobytes()).hexdigest(),
+    }
 
     # ---- the real baseline (cached)
     key = _baseline_key(real_splits, protocol, seed, rt.device)
@@ -458,10 +456,10 @@ def cas_score(
     # ---- the synthetic runs
     runs = []
     for k in scale_list or [None]:
-        part = syn if k is None else syn.subset(slice(0, k * unit))
+        part = syn if k is None or k * unit == len(syn) else syn.subset(scale_rows[k])
         run = train_cas_classifier(part, real_splits.val, protocol, seed=seed, runtime=rt, test=real_splits.test, quiet=quiet,
                                    console=console, desc="synthetic" if k is None else f"synthetic x{k}")
-        runs.append({**run.to_json(), "scale": k, "n_images": len(part)})
+        runs.append({**run.to_json(), "scale": k, "n_images": len(part), "missing_classes": _missing_classes(part.labels, names)})
 
     val_src = None if real_splits.val is None else {**real_splits.val.source, "rows": len(real_splits.val)}
     return {
@@ -475,6 +473,7 @@ def cas_score(
             "class_names": names,
         },
         "missing_classes": missing,
+        "scale_sampling": sampling,
         "protocol": {**info, "values": protocol.model_dump(mode="json")},
         "scale_unit": unit,
         "seed": seed,

@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0)  # sgd only
     nesterov: bool = False  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    adam_eps: float = Field(1e-8, gt=0)  # adam / adamw: torch's eps (Keras' 1e-7 sits elsewhere: see build_optimizer)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # per step, sized to the steps run
     warmup_steps: int = Field(0, ge=0)
@@ -152,7 +153,7 @@ def train_classifier(
             mean, std = resolve_normalization(cfg.normalization, getattr(train, "images", None))
     net = rt.prepare(model, batch_size=cfg.batch_size // rt.world_size)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
-                          weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov)
+                          weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov, eps=cfg.adam_eps)
     for cb in callbacks:  # callbacks built before the optimizer existed get it now
         if getattr(cb, "optimizer", False) is None:
             cb.optimizer = opt

@@ -416,6 +416,44 @@ def load_image_dataset(
 
 
 # --------------------------------------------------------------------------------------------------
+# class names
+
+
+def _norm_name(name: str) -> str:
+    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+
+
+def match_labels(names: Sequence[str], target_names: Sequence[str], *, what: str = "synthetic",
+                 target: str = "real set") -> torch.Tensor:
+    """``map[i]`` = the index in ``target_names`` of class ``names[i]``, matched by name (exactly, then
+    case/underscore/hyphen-insensitively); a name the target lacks is an error naming ``what`` and ``target``."""
+    exact = {n: i for i, n in enumerate(target_names)}
+    loose = {_norm_name(n): i for i, n in enumerate(target_names)}
+    out, unmatched = [], []
+    for n in names:
+        j = exact.get(n, loose.get(_norm_name(n)))
+        if j is None:
+            unmatched.append(n)
+        out.append(-1 if j is None else j)
+    if unmatched:
+        shown = ", ".join(repr(n) for n in unmatched[:20]) + (f" (+{len(unmatched) - 20} more)" if len(unmatched) > 20 else "")
+        raise SynthgenError(
+            f"{len(unmatched)} {what} label name(s) not in the {target}: {shown}; "
+            f"the {target} has: {', '.join(target_names[:20])}{' ...' if len(target_names) > 20 else ''}"
+        )
+    return torch.tensor(out, dtype=torch.long)
+
+
+def relabel_by_name(ds: ImageTensorDataset, class_names: Sequence[str], *, what: str, target: str) -> ImageTensorDataset:
+    """``ds`` with its labels mapped onto ``class_names`` by name (see :func:`match_labels`); its class
+    names become ``class_names``. Needed wherever two splits are read separately: string labels are
+    numbered per split (sorted names), so a class missing from one split shifts every id after it."""
+    label_map = match_labels(ds.class_names, class_names, what=what, target=target)
+    return ImageTensorDataset(images=ds.images, labels=label_map[ds.labels], groups=ds.groups,
+                              class_names=list(class_names), source=ds.source)
+
+
+# --------------------------------------------------------------------------------------------------
 # splitting and normalisation
 
 

@@ -282,7 +282,7 @@ def finetune(backbone: nn.Module, fit, val, test, num_classes: int, spec, mean, 
 
 
 def _resolve_dataset_splits(config: EvalConfig, image_size: int):
-    from synthgen.train.data import load_image_dataset, split_train_val
+    from synthgen.train.data import load_image_dataset, relabel_by_name, split_train_val
 
     spec = config.dataset
     source = resolve_source(spec.source)
@@ -295,6 +295,10 @@ def _resolve_dataset_splits(config: EvalConfig, image_size: int):
     )
     train = load_image_dataset(source, spec.train_split, limit=spec.train_limit, **kw)
     test = load_image_dataset(source, spec.test_split, limit=spec.test_limit, **kw)
+    if train.class_names is not None and test.class_names is not None and test.class_names != train.class_names:
+        # each split numbers its own (string) class names: put the test labels in the train split's ids
+        test = relabel_by_name(test, train.class_names, what=f"test split {spec.test_split!r}",
+                               target=f"train split {spec.train_split!r}")
     fit, val = split_train_val(train, spec.val_fraction, config.seed)
     return train, test, fit, val
 

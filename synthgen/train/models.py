@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from synthgen.errors import SynthgenError
 
-__all__ = ["create_model", "list_models", "register_model", "extract_features", "count_parameters", "CifarResNet"]
+__all__ = ["create_model", "list_models", "register_model", "extract_features", "count_parameters", "CifarResNet", "keras_init_"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -136,6 +136,35 @@ class CifarResNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _keras_variance_scaling_(weight: torch.Tensor, scale: float, mode: str) -> None:
+    """Keras' VarianceScaling(distribution="truncated_normal"): a normal cut at 2 standard deviations,
+    its std raised by 1/0.8796 so the cut distribution keeps the variance ``scale / fan``."""
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)  # same fans as Keras' (kh, kw, in, out)
+    fan = fan_in if mode == "fan_in" else (fan_in + fan_out) / 2
+    std = (scale / fan) ** 0.5 / 0.87962566103423978
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+@torch.no_grad()
+def keras_init_(model: nn.Module) -> nn.Module:
+    """Re-initialise ``model`` as Lomurno et al.'s Keras ResNet-20 is (Models/ImageClassifiers/resnet.py):
+    convolutions HeNormal, the Dense output layer GlorotNormal (both truncated normals), every bias
+    zero (Keras' default bias initialiser; torch draws Linear biases uniformly), BatchNorm gamma 1,
+    beta 0. Applied to any model, it gives conv/linear layers those initialisers."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            _keras_variance_scaling_(m.weight, 2.0, "fan_in")
+        elif isinstance(m, nn.Linear):
+            _keras_variance_scaling_(m.weight, 1.0, "fan_avg")
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def _cifar_resnet(name: str, depth: int, **defaults):
