@@ -20,7 +20,9 @@ only rank 0 writes. The rate schedule (warm-up, cosine) is sized to the steps ac
 The output folder holds the checkpoint (:mod:`synthgen.train.checkpoint`: ``model.safetensors``
 with ``backbone.*``/``head.*``, ``optimizer.safetensors``, ``checkpoint.json``), ``config.yaml`` and
 ``metrics.json``. Running the same config into the same folder resumes from the checkpoint (written
-every ``checkpoint_every`` epochs, at the end, and on Ctrl-C); a finished run is not repeated.
+every ``checkpoint_every`` epochs, at the end, and on Ctrl-C); a finished run is not repeated. A
+resumed run ends with the weights an uninterrupted one would have: augmentation draws are a function
+of (seed, epoch, batch), and Ctrl-C waits for the step under way to finish before the save.
 """
 
 from __future__ import annotations
