@@ -156,6 +156,64 @@ def test_contrastive_demos_run_and_checkpoint(recipe, tmp_path):
     assert (tmp_path / "checkpoint.json").is_file() and (tmp_path / "model.safetensors").is_file()
 
 
+# SimCLR (its projection head has a BatchNorm) for 2 epochs of 4 steps; log records span the cut
+RESUME_SETS = [SRC, "dataset.limit=64", "objective.batch_size=16", "schedule.epochs=2", "schedule.max_steps=null",
+               "log_every=3", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def simclr_uninterrupted(tmp_path_factory):
+    if not CIFAR10.is_dir():
+        pytest.skip(f"CIFAR-10 parquet folder not found at {CIFAR10}")
+    from synthgen.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("simclr-full")
+    pretrain(load_pretrain_config("simclr-demo", RESUME_SETS), out, progress=False)
+    return out
+
+
+@needs_cifar
+@pytest.mark.parametrize("how,call,saved_step", [("raise", 3, 2), ("sigint", 6, 6)])
+def test_interrupted_mid_epoch_then_resumed_matches_uninterrupted(simclr_uninterrupted, tmp_path, monkeypatch, how, call, saved_step):
+    """Interrupted during a step mid-epoch, then resumed: parameters, BatchNorm running statistics,
+    optimizer state and logged losses are bit-identical to the uninterrupted run's. ``raise``: a
+    KeyboardInterrupt raised inside the step after its forward pass (the step is dropped, its BatchNorm
+    update undone); ``sigint``: a real Ctrl-C during the step (held until the step is done)."""
+    import os
+    import signal
+
+    from synthgen.train.checkpoint import load_checkpoint
+    from synthgen.train.pretrain import pretrain
+    from synthgen.train.runtime import Runtime
+
+    real_step, calls = Runtime.step, []
+
+    def interrupting(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            if how == "raise":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(load_pretrain_config("simclr-demo", RESUME_SETS), tmp_path, progress=False)
+    assert load_checkpoint(tmp_path)["step"] == saved_step  # mid-epoch: 4 steps per epoch
+    monkeypatch.setattr(Runtime, "step", real_step)
+    resumed = pretrain(load_pretrain_config("simclr-demo", RESUME_SETS), tmp_path, progress=False)
+    assert resumed.resumed_from_step == saved_step
+
+    full, cut = load_checkpoint(simclr_uninterrupted), load_checkpoint(tmp_path)
+    a, b = full.model_state(), cut.model_state()
+    assert a.keys() == b.keys() and any(k.endswith("running_mean") for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    oa, ob = full.optimizer_state()["state"], cut.optimizer_state()["state"]
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    assert (cut["step"], cut["history"], cut["epochs_log"]) == (full["step"], full["history"], full["epochs_log"])
+    assert [e["steps"] for e in cut["epochs_log"]] == [4, 4]
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------------

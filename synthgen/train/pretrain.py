@@ -20,12 +20,16 @@ only rank 0 writes. The rate schedule (warm-up, cosine) is sized to the steps ac
 The output folder holds the checkpoint (:mod:`synthgen.train.checkpoint`: ``model.safetensors``
 with ``backbone.*``/``head.*``, ``optimizer.safetensors``, ``checkpoint.json``), ``config.yaml`` and
 ``metrics.json``. Running the same config into the same folder resumes from the checkpoint (written
-every ``checkpoint_every`` epochs, at the end, and on Ctrl-C); a finished run is not repeated.
+every ``checkpoint_every`` epochs, at the end, and on Ctrl-C); a finished run is not repeated. A
+resumed run ends with the weights an uninterrupted one would have: augmentation draws are a function
+of (seed, epoch, batch), and Ctrl-C waits for the step under way to finish before the save.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ import torch.nn as nn
 import yaml
 
 from synthgen.errors import SynthgenError
+from synthgen.prompts.base import stable_uint64
 from synthgen.provenance import library_versions
 from synthgen.train.augment import ContrastiveAugment, random_crop_flip
 from synthgen.train.batches import TensorBatches, resolve_normalization
@@ -220,6 +225,64 @@ def objective_loss(obj, net, x_u8: torch.Tensor, groups, rt: Runtime, aug, mean,
     return loss, extra
 
 
+def augment_generator(seed: int, epoch: int, batch_index: int, rank: int = 0) -> torch.Generator:
+    """The generator of one batch's augmentation draws, a function of (seed, epoch, batch, process)
+    alone: a run resumed mid-epoch skips the batches it had done and still draws what an
+    uninterrupted run draws for the rest."""
+    return torch.Generator().manual_seed(stable_uint64("pretrain-augment", seed, epoch, batch_index, rank) & (2**63 - 1))
+
+
+class _WholeSteps:
+    """Keeps Ctrl-C between training steps, so the checkpoint it saves is the state after the last
+    whole step and a resumed run repeats nothing.
+
+    A SIGINT during a step is held until the step (update and bookkeeping) is done, then raised; a
+    second one raises at once. For a KeyboardInterrupt raised inside a step anyway (that second
+    Ctrl-C, a hook, a thread other than the main one), :meth:`drop_unfinished` puts back the module
+    buffers - BatchNorm's running statistics, which the step's forward pass has already moved - so
+    the saved state is that before the step (parameters too, unless it struck inside the update)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [b for b in model.buffers()]
+        self.saved = [b.detach().clone() for b in self.buffers]
+        self.in_step = self.held = False
+        self.installed = False
+
+    def __enter__(self) -> _WholeSteps:
+        # only where Ctrl-C would raise KeyboardInterrupt anyway (not under a custom or ignoring handler)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.installed = False
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.in_step and not self.held:
+            self.held = True
+            return
+        raise KeyboardInterrupt
+
+    def begin(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+        self.in_step = True
+
+    def end(self) -> None:
+        self.in_step = False
+        if self.held:
+            self.held = False
+            raise KeyboardInterrupt
+
+    def drop_unfinished(self) -> None:
+        if self.in_step and self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)
+        self.in_step = False
+
+
 # --------------------------------------------------------------------------------------------------
 # the training loop
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +400,8 @@ def pretrain(
             "num_features": int(model.backbone.num_features),
             "normalization": {"mean": list(mean), "std": list(std), "kind": config.normalization},
             "history": history, "epochs_log": epochs_log, "elapsed_s": doc["elapsed_s"],
+            # losses since the last log record and of the epoch so far, so a resumed run logs the same means
+            "unlogged": {"loss": window, "acc": window_acc, "epoch": epoch_losses},
         }, optimizer)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2, default=str) + "\n")
@@ -365,23 +430,31 @@ def pretrain(
             yield x, None if tensors_data.groups is None else tensors_data.groups[local.to(rt.device)]
 
     model.train()
-    window: list[float] = []
-    window_acc: list[float] = []
+    unlogged = state.get("unlogged", {}) if state is not None else {}
+    window: list[float] = list(unlogged.get("loss", []))
+    window_acc: list[float] = list(unlogged.get("acc", []))
+    epoch_losses: list[float] = list(unlogged.get("epoch", []))
+    steps = _WholeSteps(model)
     try:
-        with progress_bar(progress and rt.is_main) as bar:
+        with steps, progress_bar(progress and rt.is_main) as bar:
             task = bar.add_task(f"pretrain {config.name} ({obj.kind})", total=total_steps, completed=step, info="")
             for epoch in range(step // steps_per_epoch, config.schedule.epochs):
                 if step >= total_steps:
                     break
-                gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+                gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # the epoch's batch order
                 skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
-                epoch_losses: list[float] = []
+                if skip == 0:
+                    epoch_losses = []
+                elif epochs_log and epochs_log[-1]["epoch"] == epoch:
+                    epochs_log.pop()  # a max_steps cut logged this epoch part-done; it is logged whole below
                 for i, (x, groups) in enumerate(epoch_batches(epoch, gen)):
                     if step >= total_steps:
                         break
                     if i < skip:
                         continue
-                    loss, extra = objective_loss(obj, net, x, groups, rt, aug, mean, std, gen)
+                    steps.begin()
+                    aug_gen = augment_generator(config.seed, epoch, i, rt.rank)
+                    loss, extra = objective_loss(obj, net, x, groups, rt, aug, mean, std, aug_gen)
                     if not torch.isfinite(loss):
                         raise SynthgenError(f"loss became {loss.item()} at step {step}; lower optimizer.lr")
                     rt.step(loss, optimizer, model.parameters(), config.optimizer.grad_clip)
@@ -399,11 +472,13 @@ def pretrain(
                         history.append(rec)
                         window, window_acc = [], []
                     bar.update(task, completed=step, info=f"epoch {epoch + 1}/{config.schedule.epochs} loss {value:.4f}")
+                    steps.end()
                 if epoch_losses:
                     epochs_log.append({"epoch": epoch, "mean_loss": sum(epoch_losses) / len(epoch_losses), "steps": len(epoch_losses)})
                 if (epoch + 1) % config.checkpoint_every == 0 and step < total_steps:
                     save(False)
     except KeyboardInterrupt:
+        steps.drop_unfinished()
         save(False)
         raise
     save(True)
