@@ -263,8 +263,10 @@ def finetune(backbone: nn.Module, fit, val, test, num_classes: int, spec, mean, 
     best validation top-1."""
     torch.manual_seed(seed)
     model = _Classifier(backbone, num_classes)
+    world = runtime.world_size  # a fit set smaller than the batch caps it, to a size the processes split
+    batch = spec.batch_size if spec.batch_size <= len(fit) else max(world, len(fit) // world * world)
     cfg = TrainConfig(
-        epochs=spec.epochs, batch_size=min(spec.batch_size, len(fit)), optimizer=spec.optimizer.name,
+        epochs=spec.epochs, batch_size=batch, optimizer=spec.optimizer.name,
         lr=spec.optimizer.resolved_lr(spec.batch_size), weight_decay=spec.optimizer.weight_decay, betas=spec.optimizer.betas,
         momentum=spec.optimizer.momentum, nesterov=spec.optimizer.momentum > 0, label_smoothing=spec.label_smoothing,
         lr_schedule=spec.lr_schedule, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps,
