@@ -248,6 +248,25 @@ def test_stage3_finetunes_the_unet_with_a_checkpoint_per_epoch(tmp_path, encoder
     assert np.abs(images[0] - images[1]).max() > 1e-4  # the fine-tuned UNet changed the pixels
 
 
+def test_fresh_lora_runs_with_one_seed_give_the_same_adapters(tmp_path, encoder_run):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from synthgen.classcond import finetune_unet
+
+    config = dict(epochs=1, batch_size=16, lr=1e-3, method="lora", lora_rank=4)
+    adapters = []
+    for name, global_seed in (("a", 0), ("b", 999)):  # whatever drew from torch's global generator before
+        run_dir = tmp_path / name
+        shutil.copytree(encoder_run[0], run_dir)
+        torch.manual_seed(global_seed)
+        finetune_unet(run_dir, encoder_epoch=2, config=config)
+        adapters.append(load_file(run_dir / "unet/epoch-0001/adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 def test_training_target_follows_the_base_model_prediction_type():
     from diffusers import DDPMScheduler
 

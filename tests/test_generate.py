@@ -530,6 +530,24 @@ def test_rejection_statistics_on_the_device_follow_the_rule():
     assert pixels[0].max() == 128 and pixels[2, 0, 0, 0] == 2  # round(0.5 * 255) = 128 (half to even: 127.5)
 
 
+def test_an_infinite_pixel_from_the_vae_is_rejected_not_clamped(loaded):
+    """An overflow to inf in the VAE's last layer (no NaN): the decoded image counts as non-finite."""
+    from synthgen.generate.decode import LatentDecoder, rejection_stats
+
+    def overflow(module, inputs, output):
+        output = output.clone()
+        output[0, 0, 0, 0] = float("inf")
+        return output
+
+    handle = loaded.pipe.vae.decoder.conv_out.register_forward_hook(overflow)
+    try:
+        images, _ = LatentDecoder(loaded.pipe, "cpu")(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    finally:
+        handle.remove()
+    finite, _ = rejection_stats(images)
+    assert finite == [False, True]
+
+
 def test_sd15_architecture_matches_the_published_checkpoint():
     from synthgen.generate.sd15 import PARAMETERS, image_flops, model_flops, sd15_components
 

@@ -34,14 +34,18 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def add_lora(unet, rank: int, alpha: Optional[float], targets) -> None:
-    """Attach fresh LoRA adapters to ``unet``'s ``targets``; only they remain trainable."""
+def add_lora(unet, rank: int, alpha: Optional[float], targets, seed: int) -> None:
+    """Attach fresh LoRA adapters to ``unet``'s ``targets``, drawn from ``seed`` (peft draws them from
+    torch's global generator); only they remain trainable."""
     try:
         from peft import LoraConfig
     except ImportError:
         raise SynthgenError("method: lora needs peft (pip install peft)") from None
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                    target_modules=list(targets)))
 
 
 def _save_lora(unet, folder: Path) -> None:
@@ -104,7 +108,7 @@ def finetune_unet(
 
     unet = base.unet
     if config.method == "lora":
-        add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
+        add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets, config.seed)
         save_weights, load_weights = _save_lora, _load_lora
     else:
         unet.requires_grad_(True)

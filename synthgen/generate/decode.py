@@ -73,7 +73,9 @@ class LatentDecoder:
                     decoded, nsfw = self.pipe.run_safety_checker(decoded, self.device, self.pipe.text_encoder.dtype)
                     any_checked = True
                     flags.extend(bool(f) for f in nsfw)
-                images.append((decoded.float() / 2 + 0.5).clamp(0, 1))
+                x = decoded.float()
+                # clamp would turn +-inf into 1 and 0: make them NaN, which it keeps, so the image is rejected
+                images.append((x.masked_fill(torch.isinf(x), float("nan")) / 2 + 0.5).clamp(0, 1))
         return torch.cat(images), (flags if any_checked else None)
 
 
