@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
 pytestmark = [
@@ -141,4 +142,10 @@ def test_missing_stages_and_epochs_are_one_line(tmp_path, capsys, tiny_pipeline_
     assert "tuning.steps: must be [low, high] with 1 <= low <= high" in one_error_line(capsys)
     assert main(["classcond", "run", "cas-lomurno", *args]) == 1
     assert "is not a class-conditioning recipe" in one_error_line(capsys)
+    for device, why in (("gpu0", "unknown device 'gpu0'"), ("cuda:1", "CUDA is not available")):
+        if device == "cuda:1" and torch.cuda.is_available():
+            continue
+        args = ["--run-dir", str(run_dir), "--set", SOURCE, "--device", device]
+        assert main(["classcond", "finetune", "classcond-tiny", *args, "--encoder-epoch", "1"]) == 1
+        assert why in one_error_line(capsys)
     assert sorted(p.name for p in run_dir.iterdir()) == ["encoder", "latents.safetensors", "run.json"]

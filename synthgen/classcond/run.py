@@ -33,11 +33,26 @@ def dataset_source(recipe) -> str:
     return resolve_source(recipe.dataset.source, "dataset.source")
 
 
+def _on_device(config, device: Optional[str]):
+    """The stage config for ``device`` (cpu, cuda, cuda:1, auto; None: the recipe's). accelerate
+    trains on the current CUDA device, so a single process makes ``cuda:N`` current."""
+    if device is None:
+        return config
+    import torch
+
+    from synthgen.train.runtime import resolve_device
+
+    dev = resolve_device(device)  # an unknown or unavailable device is one line
+    if dev.type == "cuda" and dev.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(dev)
+    return config.model_copy(update={"cpu": dev.type == "cpu"})
+
+
 def train_stage(run_dir, recipe, *, device: Optional[str] = None, on_epoch_end=None):
     from synthgen.classcond.train_encoder import train_class_encoder
 
     d = recipe.dataset
-    config = recipe.encoder if device is None else recipe.encoder.model_copy(update={"cpu": device == "cpu"})
+    config = _on_device(recipe.encoder, device)
     return train_class_encoder(run_dir, recipe.base_model, dataset_source(recipe), split=d.split,
                                dataset_revision=d.revision, base_revision=recipe.base_revision,
                                image_column=d.image_column, label_column=d.label_column, limit=d.limit,
@@ -51,7 +66,7 @@ def finetune_stage(run_dir, recipe, *, encoder_epoch: Optional[int] = None, devi
 
     if encoder_epoch is None:
         encoder_epoch = int(read_best(run_dir, "encoder")["params"]["encoder_epoch"])
-    config = recipe.unet if device is None else recipe.unet.model_copy(update={"cpu": device == "cpu"})
+    config = _on_device(recipe.unet, device)
     return finetune_unet(run_dir, encoder_epoch=encoder_epoch, config=config, on_epoch_end=on_epoch_end)
 
 

@@ -65,7 +65,7 @@ def train(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help=RUN_DIR_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu to train on the CPU even with a GPU [default: auto]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ... (cpu trains on the CPU even with a GPU) [default: auto]."),
 ) -> None:
     """Stage 1: train the class encoder (UNet and VAE frozen), a checkpoint per epoch; resumes."""
     from synthgen.classcond.run import train_stage
@@ -112,7 +112,7 @@ def finetune(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help=RUN_DIR_HELP),
     encoder_epoch: Optional[int] = typer.Option(None, "--encoder-epoch", help="The encoder epoch to fix [default: stage 2's best]."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu to train on the CPU even with a GPU [default: auto]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ... (cpu trains on the CPU even with a GPU) [default: auto]."),
 ) -> None:
     """Stage 3: fine-tune the UNet (full, or LoRA with unet.method=lora) with the encoder fixed; resumes."""
     from synthgen.classcond.run import finetune_stage
