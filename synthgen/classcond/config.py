@@ -34,7 +34,8 @@ class StageConfig(BaseModel):
     cpu: bool = False  # train on the CPU even when a GPU is present (and: several CPU processes, gloo)
     encode_batch_size: int = Field(64, ge=1)  # VAE encoding of the images, done once
 
-    # Settings that may change when a stage resumes: they do not change what is computed.
+    # Settings that may change when a stage resumes: where and how it runs, not what it learns
+    # (a precision change moves results by rounding only; an fp16 loss scale is kept in the checkpoint).
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("mixed_precision", "cpu", "encode_batch_size")
 
     def resume_key(self) -> dict:

@@ -237,6 +237,8 @@ def run_stage(
         load_optimizer(optimizer, epoch_dir(stage_dir, done[-1]), state["optimizer_param_groups"])
         schedule.load_state_dict(state["scheduler"])
     model, optimizer = accelerator.prepare(trainable, optimizer)
+    if done and accelerator.scaler is not None and state.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
     model.train()
     unet = model if task.trains_unet else task.unet
     input_dtype = task.unet.dtype
@@ -293,6 +295,7 @@ def run_stage(
                 "scheduler": schedule.state_dict(),
                 "device": str(device),
                 "mixed_precision": accelerator.mixed_precision,
+                "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "num_processes": procs,
                 "versions": library_versions(),
             }
