@@ -50,7 +50,7 @@ def build(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (images, shards, prompts, folder) and write nothing."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder built from another recipe."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder built from another recipe, or started with another model or precision."),
     executor: str = typer.Option(
         "auto", "--executor",
         help="Where shards run: local (this process), ranks (the processes torchrun, accelerate launch, srun or a "
