@@ -299,16 +299,14 @@ def record_settings(build: BuildPlan, writer: ShardWriter, model: Optional[dict[
         if stored is not None:
             # a process sharing the folder wrote its plan after we looked: it must be ours
             _inspect_folder(store, build.recipe, overwrite=False)
-        else:
+            if build.overwrite and settings is not None and stored.get("settings_hash") != settings_hash:
+                _remove_owned(store)  # the same recipe with another model or precision: start again
+                stored = None
+        if stored is None:
             store.write_text(PLAN_REL, json.dumps(_plan_payload(build, settings or {}, settings_hash), indent=1))
             if store.local is None:
                 stored = _read_plan_file(store)  # no lock here: whoever wrote last is the plan
                 _inspect_folder(store, build.recipe, overwrite=False)
-        if stored is not None and settings is not None and stored.get("settings_hash") != settings_hash \
-                and build.overwrite:  # the same recipe with another model or precision: start again
-            _remove_owned(store)
-            store.write_text(PLAN_REL, json.dumps(_plan_payload(build, settings, settings_hash), indent=1))
-            stored = _read_plan_file(store)
         if (build.stored or {}).get("settings_hash") != (stored or {}).get("settings_hash"):
             build.done.clear()  # started again since this process scanned it: its finished shards are gone
             build.damaged.clear()
