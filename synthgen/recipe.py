@@ -10,8 +10,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import typing
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
 
