@@ -291,6 +291,36 @@ def test_a_ray_worker_killed_mid_shard_is_retried_to_exactly_the_planned_rows(tm
     assert_exact_dataset(out, reference)
 
 
+def test_ray_overwrite_starts_a_folder_begun_with_another_model_again(tmp_path, tiny_pipeline_path, ray_cluster):
+    """Regression: the Ray workers refused a folder begun with another model even with --overwrite
+    (and with every target shard done the driver returned the old dataset as complete)."""
+    from safetensors.torch import load_file, save_file
+
+    from synthgen.dataset import build_dataset
+    from synthgen.recipe import load_recipe
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_path, model)
+    recipe = load_recipe("demo", [*SETTINGS, f"generator.model={model}"])
+    out = tmp_path / "ds"
+
+    def ray_build(**kw):
+        return build_dataset(recipe, out, executor="ray", progress=False, limit=8, **kw)
+
+    first = ray_build()  # 2 of the 6 shards: every target shard done
+    weights = next((model / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: tensors[name] + 0.5}, weights)
+    again = ray_build(overwrite=True)
+    assert (again.dataset_complete, again.complete, again.shards_written) == (False, True, 2)
+    assert again.manifest["model"]["model_revision"] != first.manifest["model"]["model_revision"]
+    hashes = {h for p in (out / "data").glob("*.parquet") for h in pq.read_table(p, columns=["settings_hash"]).column(0).to_pylist()}
+    assert hashes == {again.manifest["settings_hash"]} != {first.manifest["settings_hash"]}
+    assert {m["worker"]["executor"] for m in markers(out).values()} == {"ray"} and len(markers(out)) == 2
+    assert ray_build(overwrite=True).shards_written == 0  # the same model again: nothing to restart
+
+
 def test_an_unreachable_ray_address_is_one_line(tmp_path, capsys):
     import socket
 

@@ -343,6 +343,14 @@ def test_a_model_that_changed_between_crash_and_resume_is_refused(tmp_path, tiny
     assert {row["settings_hash"] for row in rows(out).values()} == {again.manifest["settings_hash"]}
     assert regenerate_row(out, 1).size == (32, 32)  # the changed model reproduces rows again
 
+    # a finished folder too (it returned the old dataset as complete, having loaded nothing)
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, weights)
+    third = build(recipe, out, overwrite=True)
+    assert (third.dataset_complete, third.shards_written) == (True, 3)
+    assert third.manifest["settings_hash"] != again.manifest["settings_hash"]
+    assert {row["settings_hash"] for row in rows(out).values()} == {third.manifest["settings_hash"]}
+
 
 def test_pickle_weights_load_only_when_allowed(tmp_path, tiny_pipeline_path, monkeypatch):
     from diffusers import StableDiffusionPipeline

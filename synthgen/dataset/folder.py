@@ -52,6 +52,12 @@ class BuildPlan:
     overwrite: bool = False  # --overwrite: also start again when the same recipe's model settings changed
 
     @property
+    def may_restart(self) -> bool:
+        """``--overwrite`` on a folder of this recipe: the settings it records are the loaded model's,
+        so only loading it tells whether the folder starts again (another model or precision)."""
+        return self.overwrite and self.state == "resume"
+
+    @property
     def folder(self) -> Path | str:
         """The folder as the user named it: a path, or a URL (without credentials)."""
         return self.store.local if self.store.local is not None else self.store.display
@@ -307,9 +313,7 @@ def record_settings(build: BuildPlan, writer: ShardWriter, model: Optional[dict[
             if store.local is None:
                 stored = _read_plan_file(store)  # no lock here: whoever wrote last is the plan
                 _inspect_folder(store, build.recipe, overwrite=False)
-        if (build.stored or {}).get("settings_hash") != (stored or {}).get("settings_hash"):
-            build.done.clear()  # started again since this process scanned it: its finished shards are gone
-            build.damaged.clear()
+        _forget_finished_if_restarted(build, stored)
         if stored is not None and settings is not None and stored.get("settings_hash") != settings_hash:
             keys = changed_keys(stored.get("settings") or {}, settings)
             detail = "; ".join(f"{k}: {_flatten(stored.get('settings') or {}).get(k)!r} -> {_flatten(settings).get(k)!r}"
@@ -321,6 +325,19 @@ def record_settings(build: BuildPlan, writer: ShardWriter, model: Optional[dict[
             )
         for name in (MANIFEST, CARD):
             store.remove(name)
+
+
+def _forget_finished_if_restarted(build: BuildPlan, stored: Optional[dict]) -> None:
+    if (build.stored or {}).get("settings_hash") != (stored or {}).get("settings_hash"):
+        build.done.clear()  # started again since this process scanned it: its finished shards are gone
+        build.damaged.clear()
+
+
+def forget_finished_if_restarted(build: BuildPlan) -> None:
+    """For a process that plans but loads no model (the Ray driver): after a worker recorded the
+    settings, forget the shards it found finished if that started the folder again."""
+    with disk_errors(build.store.display):
+        _forget_finished_if_restarted(build, _read_plan_file(build.store))
 
 
 def prepare_folder(build: BuildPlan, writer: ShardWriter, model: Optional[dict[str, Any]] = None) -> None:

@@ -158,7 +158,9 @@ class RankExecutor:
                     [] if self.share_only else [s for s in reversed(build.todo) if not ranks.owns(s)])
 
         mine, others = shares()
-        if not mine and not others:  # nothing for this process: finish the manifest if the others are done
+        # nothing for this process: finish the manifest if the others are done (unless --overwrite
+        # may start the folder again for another model: only loading it tells)
+        if not mine and not others and not build.may_restart:
             with disk_errors(build.store.display):
                 return result.finish(finalize(build, writer))
         if build.store.local is not None:

@@ -1,16 +1,18 @@
 """Ray: shard tasks on Ray workers, one worker per GPU (per CPU on a cluster without GPUs), restarted
 by Ray when its process dies.
 
-The driver plans (and on a resume checks the finished shards), clears what ``--overwrite`` replaces,
-starts one :class:`ShardWorker` actor per GPU (no more than there are shards to make), and hands each
-worker its next shard as soon as it finishes one. A worker loads the model once and
-runs each shard with :func:`produce_shard`, which returns once the shard's file and marker are
-written. With the recipe's ``output.writer: pipelined`` a worker runs ``1 + shards_in_flight`` shard
-tasks at once in threads: one generates (on its GPU) while the others write, the pipelined writer of
-the other executors in Ray's terms (a task's result still means "written"). A worker killed mid-shard
-leaves no marker, at most a temp file that a retry removes while holding the shard's claim; Ray
-restarts the worker and retries its unfinished tasks, which make the same rows. Whoever finishes the
-last shard writes the manifest and card.
+The driver plans (and on a resume checks the finished shards), clears what ``--overwrite`` replaces
+(another recipe's folder at once; one begun with another model or precision once a first worker has
+loaded the model and found so, before the other workers start), starts one :class:`ShardWorker`
+actor per GPU (no more than there are shards to make), and hands each worker its next shard as soon
+as it finishes one. A worker loads the model once and runs each shard with :func:`produce_shard`,
+which returns once the shard's file and marker are written. With the recipe's ``output.writer:
+pipelined`` a worker runs ``1 + shards_in_flight`` shard tasks at once in threads: one generates (on
+its GPU) while the others write, the pipelined writer of the other executors in Ray's terms (a
+task's result still means "written"). A worker killed mid-shard leaves no marker, at most a temp
+file that a retry removes while holding the shard's claim; Ray restarts the worker and retries its
+unfinished tasks, which make the same rows. Whoever finishes the last shard writes the manifest and
+card.
 
 ``address`` connects to a running cluster (``ray start --head`` on one node, ``ray start
 --address=...`` on the others; every node needs synthgen installed and the folder or bucket
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from synthgen.dataset.folder import finalize, plan_build, reset_folder
+from synthgen.dataset.folder import finalize, forget_finished_if_restarted, plan_build, reset_folder
 from synthgen.dataset.job import BuildJob, BuildResult, progress_bar
 from synthgen.dataset.shard_task import ShardMaker, produce_shard
 from synthgen.dataset.storage import disk_errors, is_url
@@ -57,13 +59,14 @@ class ShardWorker:
         self.maker: Optional[ShardMaker] = None
         self._loading = threading.Lock()
 
-    def _maker(self) -> ShardMaker:
+    def _maker(self, overwrite: bool = False) -> ShardMaker:
         from synthgen.dataset.executors.ranks import device_for_rank
 
         with self._loading:
             if self.maker is None:
                 job = self.job
-                build = plan_build(job.recipe, job.out, limit=job.limit, storage_options=job.storage_options, scan=False)
+                build = plan_build(job.recipe, job.out, overwrite=overwrite, limit=job.limit,
+                                   storage_options=job.storage_options, scan=False)
                 # Ray shows a GPU actor its GPU(s) only (CUDA_VISIBLE_DEVICES): cuda:0 is ours
                 maker = ShardMaker(build, device=device_for_rank(job.recipe.generator.device, 0),
                                    worker={"executor": "ray"})
@@ -71,6 +74,11 @@ class ShardWorker:
                     maker.load()
                 self.maker = maker
         return self.maker
+
+    def load(self, overwrite: bool) -> None:
+        """Load the model now; with ``overwrite``, start the folder again if it was begun with another
+        model or precision (see ``record_settings``)."""
+        self._maker(overwrite)
 
     def make(self, index: int) -> dict[str, Any]:
         """Make target shard ``index`` (or find it done); returns once its file and marker are written."""
@@ -108,15 +116,16 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def _task_error(ray: Any, exc: Exception, spec_name: str, retries: int) -> SynthgenError:
+def _task_error(ray: Any, exc: Exception, task: str, retries: int) -> SynthgenError:
+    """One line for a task that failed: ``task`` names it ("shard NAME", "loading the model")."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, SynthgenError):
         return cause
     if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
-        return SynthgenError(f"shard {spec_name}: its Ray worker died {retries + 1} times; run the same command to resume")
+        return SynthgenError(f"{task}: its Ray worker died {retries + 1} times; run the same command to resume")
     what = cause if cause is not None else exc
     first = (str(what).strip().splitlines() or [type(what).__name__])[0][:300]
-    return SynthgenError(f"shard {spec_name} failed on a Ray worker: {type(what).__name__}: {first}")
+    return SynthgenError(f"{task} failed on a Ray worker: {type(what).__name__}: {first}")
 
 
 class RayExecutor:
@@ -150,7 +159,7 @@ class RayExecutor:
         build = plan_build(job.recipe, out, overwrite=job.overwrite, limit=job.limit, storage_options=job.storage_options)
         writer = build.writer()
         result = BuildResult.start(build, started, {"executor": self.name})
-        if not build.todo:
+        if not build.todo and not build.may_restart:
             with disk_errors(build.store.display):
                 return result.finish(finalize(build, writer))
         if build.store.local is not None:
@@ -172,7 +181,16 @@ class RayExecutor:
             actor = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_concurrency=tasks_each,
                                max_restarts=self.max_retries, max_task_retries=self.max_retries)(ShardWorker)
             payload = RayShardJob(job.recipe, out, job.limit, job.storage_options)
-            workers = [actor.remote(payload) for _ in range(max(1, min(slots, len(build.todo))))]
+            if build.may_restart:
+                # One worker loads first and, if the model or precision changed, starts the folder
+                # again; the others load after it (loading beside it, one would find the old settings and refuse).
+                workers.append(actor.remote(payload))
+                try:
+                    ray.get(workers[0].load.remote(True))
+                except Exception as exc:  # noqa: BLE001 - Ray wraps the task's error
+                    raise _task_error(ray, exc, "loading the model", self.max_retries) from None
+                forget_finished_if_restarted(build)  # if it did, every target shard is to make again
+            workers += [actor.remote(payload) for _ in range(max(1, min(slots, len(build.todo))) - len(workers))]
             queue = deque(build.todo)
             pending: dict = {}
 
@@ -192,7 +210,7 @@ class RayExecutor:
                         try:
                             outcome = ray.get(ref)
                         except Exception as exc:  # noqa: BLE001 - Ray wraps the task's error
-                            raise _task_error(ray, exc, spec.name, self.max_retries) from None
+                            raise _task_error(ray, exc, f"shard {spec.name}", self.max_retries) from None
                         result.count(outcome)
                         bar.advance(len(spec))
                         hand(worker)
