@@ -189,6 +189,27 @@ def test_streamed_schedule_ends_and_a_finished_run_is_left_alone(tmp_path, capsy
     assert json.loads((tmp_path / "run/metrics.json").read_text())["history"] == metrics["history"]
 
 
+def test_a_classifier_schedule_ends_at_lr_0_on_the_steps_a_stream_or_odd_split_gives(tmp_path, cifar_shards, one_torch_thread):
+    """Regression: train_classifier planned epochs * ceil(rows / batch) steps, but a stream under DDP
+    gives every process the fewest full batches any has (11 an epoch for shards of 90, 90, 96 and 96
+    rows, global batch 32, not 12), and a last batch of one row is dropped (81 rows, batch 16: 5, not
+    6): the cosine schedule stopped above 0. Now it ends at 0 on the steps taken."""
+    from cosine_classifier import train
+
+    uneven = cifar_shards(tmp_path / "uneven", [90, 90, 96, 96])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests/cosine_classifier.py"), str(uneven), "stream", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
+    assert two == [{"rank": 0, "steps": 22, "lr": 0.0}, {"rank": 1, "steps": 22, "lr": 0.0}]
+    odd = str(cifar_shards(tmp_path / "odd", [40, 41]))
+    for kind in ("stream", "tensor"):
+        one = train(odd, kind, 16)
+        assert (one["steps"], one["lr"]) == (10, 0.0), kind
+
+
 # ----------------------------------------------------------------------------------------------
 # mixtures, schedules, probes, bad input
 # ----------------------------------------------------------------------------------------------

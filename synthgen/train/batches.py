@@ -80,6 +80,13 @@ class TensorBatches:
             x = self.images[idx.cpu()].pin_memory().to(dev, non_blocking=True)
         return x, None if self.labels is None else self.labels[idx_d]
 
+    def batches_per_epoch(self, batch_size: int, epochs: int = 1, *, drop_last: bool = True, min_batch: int = 2) -> int:
+        """The batches every shuffled ``epoch(batch_size, generator, drop_last=..., min_batch=...)``
+        yields (the same each epoch): full ones, plus the short rest unless ``drop_last`` or under
+        ``min_batch`` rows a process. The interface of :meth:`StreamBatches.batches_per_epoch`."""
+        full, rest = divmod(self.n, batch_size)
+        return full + int(not drop_last and rest >= max(1, min_batch * self.runtime.world_size))
+
     def epoch(
         self, batch_size: int, generator: torch.Generator | None = None, *, drop_last: bool = False, min_batch: int = 2
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:

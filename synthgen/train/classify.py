@@ -132,7 +132,8 @@ def train_classifier(
 ) -> TrainResult:
     """Train ``model`` on ``train`` (an ImageTensorDataset or StreamBatches); ``val`` (same kinds)
     feeds the per-epoch ``val_*`` metrics the callbacks watch. ``label_map[i]`` maps label id ``i``
-    of both splits to the model's class id; ``mean``/``std`` override the config's normalisation."""
+    of both splits to the model's class id; ``mean``/``std`` override the config's normalisation.
+    A stream shuffles by its own seed and the epoch number; ``seed`` draws the tensor path's order."""
     cfg = config or TrainConfig()
     rt = runtime or Runtime.create("auto")
     if len(train) == 0:
@@ -157,7 +158,16 @@ def train_classifier(
     for cb in callbacks:  # callbacks built before the optimizer existed get it now
         if getattr(cb, "optimizer", False) is None:
             cb.optimizer = opt
-    total = cfg.epochs * max(1, math.ceil(len(tr) / cfg.batch_size))
+    # The steps the run takes, so that a schedule ends where the run does: a stream under DDP gives
+    # every process the fewest full batches any has (this depends on the epoch: its epochs are
+    # numbered, 0, 1, ..., so the plan holds), not len / batch_size.
+    streamed = not isinstance(tr, TensorBatches)
+    per_epoch = tr.batches_per_epoch(cfg.batch_size, cfg.epochs, drop_last=False)
+    if per_epoch == 0:
+        over = f" over {rt.world_size} processes" if rt.distributed else ""
+        raise SynthgenError(f"{len(tr)} training images make no training batch of {cfg.batch_size}{over}; "
+                            "lower batch_size or add images")
+    total = cfg.epochs * per_epoch
     total = min(total, cfg.max_steps or total)
     sched = make_scheduler(opt, total, cfg.warmup_steps, cfg.lr_schedule) if cfg.lr_schedule != "constant" or cfg.warmup_steps else None
     step = 0
@@ -170,7 +180,8 @@ def train_classifier(
         loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
         correct = torch.zeros((), device=rt.device, dtype=torch.long)
         seen = 0
-        for x, y in tr.epoch(cfg.batch_size, gen):
+        batches = tr.epoch(cfg.batch_size, epoch - 1, batches=per_epoch) if streamed else tr.epoch(cfg.batch_size, gen)
+        for x, y in batches:
             if step >= total:
                 break
             x = to_float(x, mean, std)

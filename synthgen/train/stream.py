@@ -278,13 +278,15 @@ class StreamBatches:
         """Every process's shards for one epoch (the same plan on every process)."""
         return _deal(self._files, self.seed, epoch, shuffle, self.runtime.world_size)
 
-    def batches_per_epoch(self, batch_size: int, epochs: int = 1) -> int:
-        """Full global batches of ``batch_size`` every process has in each shuffled epoch ``0 ..
-        epochs - 1``: under DDP the fewest (how shards fall to processes changes per epoch), else
-        ``len // batch_size``. ``epoch(..., drop_last=True, batches=this)`` yields exactly this many."""
+    def batches_per_epoch(self, batch_size: int, epochs: int = 1, *, drop_last: bool = True, min_batch: int = 2) -> int:
+        """Global batches of ``batch_size`` every process has in each shuffled epoch ``0 .. epochs -
+        1``: under DDP the fewest full ones (how shards fall to processes changes per epoch), else
+        ``len // batch_size`` plus the short rest unless ``drop_last`` or under ``min_batch`` rows.
+        ``epoch(batch_size, e, drop_last=..., min_batch=..., batches=this)`` yields exactly this many."""
         rt = self.runtime
         if not rt.distributed:
-            return self.n // batch_size
+            full, rest = divmod(self.n, batch_size)
+            return full + int(not drop_last and rest >= max(1, min_batch))
         local = batch_size // rt.world_size
         return min(sum(k for _, k in share) // local for e in range(epochs) for share in self._shares(e, True))
 
