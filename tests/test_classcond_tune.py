@@ -289,3 +289,28 @@ def test_run_stops_in_one_line_when_tuning_has_no_best(stage1, tmp_path):
                                             r"every finished trial was pruned"):
         run_classcond(run_dir, r, real=(train, TestSplit()), device="cpu")
     assert not (run_dir / "tune-encoder" / "best.json").exists() and not (run_dir / "unet").exists()
+
+
+def test_fanova_without_scikit_learn_is_refused_up_front_and_the_report_still_written(tmp_path, monkeypatch):
+    """scikit-learn is no dependency (the ``fanova`` extra): without it, tuning with
+    ``importance: fanova`` stops in one line before any trial, and a report of a finished study
+    says why it has no importances instead of failing; PED-ANOVA (the default) needs nothing."""
+    import optuna
+
+    from synthgen.classcond.report import check_importance_evaluator, param_importances, write_study_report
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError, installed or not
+    with pytest.raises(SynthgenError, match=r"^tuning.importance: fanova needs scikit-learn \(pip install scikit-learn"):
+        check_importance_evaluator("fanova")
+    check_importance_evaluator("ped-anova")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/study.db", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("guidance", 1, 9) - 0.1 * t.suggest_int("steps", 5, 50), n_trials=8)
+    report = write_study_report(study, tmp_path, "fanova")
+    saved = json.loads((tmp_path / "importances.json").read_text())
+    assert saved == report["importances"] and saved["importances"] is None and saved["trials"] == 8
+    assert "pip install scikit-learn" in saved["reason"]
+    assert (tmp_path / "importances.png").stat().st_size > 1000
+    ped = param_importances(study, "ped-anova")["importances"]
+    assert set(ped) == {"guidance", "steps"} and sum(ped.values()) == pytest.approx(1.0)

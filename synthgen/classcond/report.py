@@ -5,8 +5,9 @@ and the final CAS-vs-scale curve.
   validation accuracy it reported at each epoch, where it was pruned) and the best value so far;
 * ``importances.json`` / ``importances.png`` -- :func:`optuna.importance.get_param_importances` over
   the finished trials (PED-ANOVA, Optuna's default; ``fanova`` -- the paper's functional ANOVA --
-  needs scikit-learn). With too few trials Optuna can only return equal importances: the JSON then
-  holds ``importances: null`` and the reason, and the PNG says so instead of showing bars;
+  needs scikit-learn, the ``fanova`` extra). With too few trials Optuna can only return equal
+  importances, and without scikit-learn fanova none: the JSON then holds ``importances: null`` and
+  the reason, and the PNG says so instead of showing bars;
 * ``cas-vs-scale.json`` / ``cas-vs-scale.png`` -- CAS top-1 at each scale, with the real baseline.
 
 Figures are drawn with matplotlib's object API (no pyplot state, no display needed).
@@ -59,15 +60,23 @@ def study_history(study) -> dict:
             "trials": rows, "best_so_far": best_so_far}
 
 
-def check_importance_evaluator(name: str) -> None:
+def _evaluator_missing(name: str) -> str | None:
+    """Why evaluator ``name`` cannot run here (a package it needs), or None."""
     if name == "fanova":
         try:
-            import sklearn  # noqa: F401
+            import sklearn  # noqa: F401 - Optuna's fANOVA fits scikit-learn random forests
         except ImportError:
-            from synthgen.errors import SynthgenError
+            return "fanova needs scikit-learn (pip install scikit-learn, or pip install 'synthgen[fanova]'); or use ped-anova"
+    return None
 
-            raise SynthgenError("tuning.importance: fanova needs scikit-learn (pip install scikit-learn), "
-                                "or use ped-anova") from None
+
+def check_importance_evaluator(name: str) -> None:
+    """Refuse, in one line, an evaluator that cannot run here: before a study's trials, not after."""
+    missing = _evaluator_missing(name)
+    if missing is not None:
+        from synthgen.errors import SynthgenError
+
+        raise SynthgenError(f"tuning.importance: {missing}")
 
 
 def param_importances(study, evaluator: str = "ped-anova") -> dict:
@@ -82,7 +91,10 @@ def param_importances(study, evaluator: str = "ped-anova") -> dict:
         out["reason"] = (f"too few finished trials ({len(complete)}; importances need at least "
                          f"{MIN_TRIALS_FOR_IMPORTANCE} with varied parameters)")
         return out
-    check_importance_evaluator(evaluator)
+    missing = _evaluator_missing(evaluator)
+    if missing is not None:  # the report is still written, saying why it has no importances
+        out["reason"] = missing
+        return out
     chosen = (optuna.importance.FanovaImportanceEvaluator(seed=0) if evaluator == "fanova"
               else optuna.importance.PedAnovaImportanceEvaluator())
     with warnings.catch_warnings(record=True) as caught:
