@@ -125,6 +125,26 @@ def test_row_regenerates_to_same_pixels(small_dataset, index):
     assert np.array_equal(regenerated, pixels(row["image"]["bytes"]))
 
 
+def test_a_row_made_without_compile_is_regenerated_without_it(tmp_path, tiny_pipeline_path, capsys):
+    """Regression: regeneration loaded the recipe's compile setting whatever the build did, so on a
+    GPU one image of a folder built eagerly (on a CPU, where compile is ignored) paid torch.compile's
+    minutes for kernels the build never ran. A row made compiled is regenerated compiled (its help
+    says so); here the build did not compile, and neither does the regeneration."""
+    import warnings
+
+    recipe = write_recipe(tmp_path / "r.yaml", **{"count": 4, "output.images_per_shard": 4, "generator.compile": True})
+    with pytest.warns(UserWarning, match="compile is ignored on cpu"):
+        assert cli_main(["build", str(recipe), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    assert read_manifest(tmp_path / "ds")["shards"][0]["model"]["compiled"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recipe's compile: true would warn here on a CPU (and compile on a GPU)
+        image = regenerate_row(tmp_path / "ds", 2)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(load_rows(tmp_path / "ds")[2]["image"].convert("RGB")))
+    capsys.readouterr()
+    assert cli_main(["regenerate", "--help"]) == 0
+    assert "compiled again, as the build did" in " ".join(capsys.readouterr().out.split())
+
+
 def test_pixels_do_not_depend_on_shard_batch_or_process(small_dataset, tmp_path):
     """Same recipe with other shard sizes and batch sizes, built by two worker processes."""
     recipe = write_recipe(tmp_path / "r.yaml", **{"output.images_per_shard": 5, "generator.batch_size": 3})

@@ -266,7 +266,12 @@ def regenerate(
     index: int = typer.Argument(..., help="Global index of the row to regenerate."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write, a local file (its folder is created if missing)."),
 ) -> None:
-    """Regenerate one image from its row (prompt, seed) and the folder's settings, and compare."""
+    """Regenerate one image from its row (prompt, seed) and the folder's settings, and compare.
+
+    When the row's shard was made with torch.compile (generator.compile on CUDA), the UNet and VAE
+    decoder are compiled again, as the build did: the same kernels for the same pixels, at the cost
+    of the compile time (minutes) for this one image. A shard made without it is regenerated eagerly.
+    """
     from synthgen.preview import regenerate_to_file
 
     diff = regenerate_to_file(folder, index, out)

@@ -74,6 +74,8 @@ def regenerate_row(folder: str | Path | Store, index: int, loaded_pipeline: Any 
 
     Returns the PIL image at the stored size (before storage encoding, which for PNG is lossless).
     Refuses when the model (its resolved revision) or dtype differ from the ones the row was made with.
+    Compiles the UNet and VAE decoder (``torch.compile``, minutes on a GPU) only when the row's
+    shard was made compiled: the same kernels as the build, for the same pixels.
     """
     from synthgen.generate import ImageGenerator, load_pipeline
     from synthgen.recipe import recipe_from_dict
@@ -84,7 +86,12 @@ def regenerate_row(folder: str | Path | Store, index: int, loaded_pipeline: Any 
     row = row or read_row(store, index, manifest)
     if row["settings_hash"] != manifest["settings_hash"]:
         raise SynthgenError(f"row {index} was made with other settings ({row['settings_hash']}) than the manifest's")
-    loaded = loaded_pipeline if loaded_pipeline is not None else load_pipeline(recipe.generator)
+    _, marker = _manifest_shard(store.display, manifest, index)
+    made_with = marker.get("model") if isinstance(marker.get("model"), dict) else manifest.get("model") or {}
+    cfg = recipe.generator
+    if made_with.get("compiled") is False:  # e.g. built on a CPU: compiling here would cost minutes, for other kernels
+        cfg = cfg.model_copy(update={"compile": False})  # how it loads, not what it hashes: the recipe's hash is checked
+    loaded = loaded_pipeline if loaded_pipeline is not None else load_pipeline(cfg)
     now = recipe.settings_hash(loaded.provenance())
     if now != row["settings_hash"]:
         stored = manifest.get("model", {})
@@ -92,5 +99,5 @@ def regenerate_row(folder: str | Path | Store, index: int, loaded_pipeline: Any 
             f"the model now loads as {loaded.model_revision} ({str(loaded.dtype).replace('torch.', '')}); row {index} "
             f"was made with {stored.get('model_revision')} ({stored.get('dtype')}): its pixels cannot be reproduced"
         )
-    generator = ImageGenerator(loaded, recipe.generator, recipe.output, recipe.seed)
+    generator = ImageGenerator(loaded, cfg, recipe.output, recipe.seed)
     return generator.regenerate_row(row)
