@@ -11,7 +11,8 @@ measures, for each batch size and step count, with classifier-free guidance on (
   uint8 on the device, the black/non-finite check; the same PIL images at the end).
 
 Columns: images/s (median of ``--repeats`` calls after two warm-up calls of 2 steps), the compile
-cost (first warm-up minus second), peak device memory, and the share of the card's limit. The limit
+cost (first warm-up minus second), peak device memory (with what was held before the calls: every
+model this process keeps), and the share of the card's limit. The limit
 is FLOPs-bound: FLOPs per image are counted with ``torch.utils.flop_counter`` on the model
 (SD 1.5 at 512 px: UNet 0.80 TFLOP per forward, twice per step with guidance; VAE decode 2.51;
 text encoder 0.013 -- ~83 TFLOP per image at 50 steps, ~43 at 25) and divided into the card's
@@ -159,6 +160,12 @@ def peak_gib(device: str):
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
 
 
+def allocated_gib(device: str):
+    """Memory held before a measurement (every model this process keeps: the float32 master, the
+    plain pipeline's and the engine's copies), which the peak includes."""
+    return round(torch.cuda.memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
+
+
 def prompts_for(n: int, offset: int) -> list[str]:
     return [f"a photo of object number {offset + i}, studio lighting" for i in range(n)]
 
@@ -232,6 +239,7 @@ def measure(path, name: str, batch: int, steps_list: list[int], repeats: int, de
     rows = []
     for steps in steps_list:
         reset_peak(device)
+        held = allocated_gib(device)
         times = [timed(lambda r=r: path(batch, steps, offset + (2 + r) * batch), device) for r in range(repeats)]
         rate = batch / statistics.median(times)
         tflop = image_flops(flops, steps) / 1e12
@@ -240,13 +248,13 @@ def measure(path, name: str, batch: int, steps_list: list[int], repeats: int, de
             "path": name, "batch": batch, "steps": steps, "images_per_s": round(rate, 3),
             "seconds_per_batch": round(statistics.median(times), 3), "times": [round(t, 3) for t in times],
             "compile_and_warmup_s": round(max(0.0, warm[0] - warm[1]), 2), "first_call_s": round(warm[0], 2),
-            "peak_memory_gib": peak_gib(device), "tflop_per_image": round(tflop, 2),
+            "peak_memory_gib": peak_gib(device), "allocated_before_gib": held, "tflop_per_image": round(tflop, 2),
             "limit_images_per_s": round(limit, 2) if limit else None,
             "percent_of_limit": round(100 * rate / limit, 1) if limit else None,
         })
         print(f"{name:>7} batch {batch:>3} steps {steps:>3}: {rate:8.3f} img/s  "
               f"{'' if limit is None else f'{100 * rate / limit:5.1f}% of limit'}  "
-              f"peak {peak_gib(device)} GiB  warm-up {warm[0]:.1f}s/{warm[1]:.1f}s", flush=True)
+              f"peak {peak_gib(device)} GiB (held before: {held})  warm-up {warm[0]:.1f}s/{warm[1]:.1f}s", flush=True)
     return rows
 
 
@@ -443,6 +451,8 @@ def main() -> None:
     args = ap.parse_args()
 
     device = args.device
+    if device.startswith("cuda") and torch.device(device).index is not None:  # set_device("cuda") raises
+        torch.cuda.set_device(device)  # cuda:N: the argument-less torch.cuda calls here (sync, memory, events, name) mean this card
     steps_list = [int(s) for s in args.steps.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     args.pixel_steps = args.pixel_steps or steps_list[0]

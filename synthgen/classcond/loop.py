@@ -249,14 +249,14 @@ def run_stage(
         order = torch.randperm(n, generator=torch.Generator().manual_seed(stable_uint64("order", config.seed, epoch) & _SEED_MASK))
         if procs > 1:  # every process gets per_process rows each step: wrap around, as DistributedSampler pads
             order = torch.cat([order, order[: steps_per_epoch * config.batch_size - n]])
+        order = order.to(device)  # one copy an epoch: a copy each step would wait for the GPU every step
         generator = torch.Generator(device).manual_seed(stable_uint64("draws", config.seed, epoch, rank) & _SEED_MASK)
         loss_sum = torch.zeros((), device=device)
         seen = 0
         for step in range(steps_per_epoch):
-            rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
             if procs > 1:
-                rows = rows[rank * per_process : (rank + 1) * per_process]
-            index = rows.to(device)
+                index = index[rank * per_process : (rank + 1) * per_process]
             noisy, t, target, labels = _noisy_batch(noise_scheduler, data, index, generator)
             with accelerator.autocast():
                 cond = task.condition(model, labels)

@@ -17,11 +17,14 @@ box that would exceed the image is clamped to it instead of re-drawn.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from synthgen.train.runtime import device_constant, host_to_device
 
 __all__ = [
     "ContrastiveAugment",
@@ -35,6 +38,7 @@ __all__ = [
 ]
 
 _GRAY = (0.299, 0.587, 0.114)
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -45,17 +49,17 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    mean_t = device_constant(mean, images.dtype, images.device).view(1, -1, 1, 1)
+    std_t = device_constant(std, images.dtype, images.device).view(1, -1, 1, 1)
     return (images - mean_t) / std_t
 
 
 def _uniform(n: int, low: float, high: float, generator, device) -> torch.Tensor:
-    return (torch.rand(n, generator=generator) * (high - low) + low).to(device)
+    return host_to_device(torch.rand(n, generator=generator) * (high - low) + low, device)
 
 
 def _bernoulli(n: int, p: float, generator, device) -> torch.Tensor:
-    return (torch.rand(n, generator=generator) < p).to(device)
+    return host_to_device(torch.rand(n, generator=generator) < p, device)
 
 
 def random_resized_crop(
@@ -85,24 +89,27 @@ def random_resized_crop(
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
-    theta = theta.to(device=dev, dtype=images.dtype)
+    theta = host_to_device(theta.to(images.dtype), dev)
     grid = F.affine_grid(theta, [b, images.shape[1], size, size], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(_GRAY, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    w = device_constant(_GRAY, images.dtype, images.device).view(1, 3, 1, 1)
     return (images * w).sum(dim=1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _yiq_matrices(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB -> YIQ and its inverse, once per dtype and device (not a copy and a solve every batch)."""
+    to_yiq = device_constant(_TO_YIQ, dtype, device)
+    with torch.inference_mode(False):
+        return to_yiq, torch.linalg.inv(to_yiq)
 
 
 def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate hue by ``angle`` radians (per image) in YIQ space."""
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        dtype=images.dtype,
-        device=images.device,
-    )
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq, from_yiq = _yiq_matrices(images.dtype, images.device)
     yiq = torch.einsum("ij,bjhw->bihw", to_yiq, images)
     c, s = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
     i, q = yiq[:, 1], yiq[:, 2]
@@ -188,8 +195,8 @@ def random_crop_flip(
         x = F.pad(images, (padding,) * 4, mode="reflect" if fill == "reflect" else "constant")
     else:
         x = images
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+    oy = host_to_device(torch.randint(0, 2 * padding + 1, (b,), generator=generator), dev)
+    ox = host_to_device(torch.randint(0, 2 * padding + 1, (b,), generator=generator), dev)
     rows = (oy.view(-1, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1).expand(b, c, h, x.shape[-1])
     x = torch.gather(x, 2, rows)
     cols = (ox.view(-1, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w).expand(b, c, h, w)

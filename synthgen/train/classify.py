@@ -153,6 +153,7 @@ def train_classifier(
         else:
             mean, std = resolve_normalization(cfg.normalization, getattr(train, "images", None))
     net = rt.prepare(model, batch_size=cfg.batch_size // rt.world_size)
+    rt.reset_scaler()
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
                           weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov, eps=cfg.adam_eps)
     for cb in callbacks:  # callbacks built before the optimizer existed get it now

@@ -504,9 +504,11 @@ def stratified_subset(ds: ImageTensorDataset, n: int, seed: int) -> ImageTensorD
 
 def to_float(images_uint8: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """``uint8 [B, 3, H, W]`` -> normalised ``float32`` on the same device: ``(x / 255 - mean) / std``."""
+    from synthgen.train.runtime import device_constant
+
     dev = images_uint8.device
-    m = torch.as_tensor(mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+    m = device_constant(mean, torch.float32, dev).view(1, -1, 1, 1)  # built once, not copied to the GPU every batch
+    s = device_constant(std, torch.float32, dev).view(1, -1, 1, 1)
     x = images_uint8.to(torch.float32).div_(255.0)
     return x.sub_(m).div_(s)
 

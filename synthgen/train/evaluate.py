@@ -214,6 +214,7 @@ def linear_probe(
         torch.manual_seed(seed)
         head = nn.Linear(fit.shape[1], num_classes).to(fit.device)
         opt = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=0.0)
+        runtime.reset_scaler()
         gen = torch.Generator().manual_seed(seed)
         stopper = EarlyStopping("val_acc", "max", spec.patience, restore_best=head)
         curve = []

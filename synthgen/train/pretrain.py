@@ -355,6 +355,7 @@ def pretrain(
     scheduler = make_scheduler(optimizer, total_steps, config.schedule.warmup(steps_per_epoch), config.schedule.lr_schedule)
 
     step, history, epochs_log, elapsed_before, resumed_from = 0, [], [], 0.0, None
+    rt.reset_scaler()
     if state is not None:
         tensors = state.model_state()
         load_model_state(model, tensors, str(out))
@@ -366,7 +367,9 @@ def pretrain(
         history, epochs_log = list(state.get("history", [])), list(state.get("epochs_log", []))
         elapsed_before = float(state.get("elapsed_s", 0.0))
         resumed_from = step
-    net = rt.prepare(model, batch_size=(batch // rt.world_size) * (4 if isinstance(obj, RotationObjective) else 1))
+    # the rows of one training forward: four rotations of each image, or SimCLR's two views of it
+    views = 4 if isinstance(obj, RotationObjective) else 2 if isinstance(obj, SimCLRObjective) else 1
+    net = rt.prepare(model, batch_size=(batch // rt.world_size) * views)
 
     aug = None
     if not isinstance(obj, RotationObjective):

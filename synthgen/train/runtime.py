@@ -22,6 +22,7 @@ process that writes checkpoints, logs and results.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -39,6 +40,8 @@ __all__ = [
     "compile_mode",
     "COMPILE_MODES",
     "AMP_CHOICES",
+    "device_constant",
+    "host_to_device",
 ]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -92,6 +95,37 @@ def compile_mode(value: bool | str | None, device: torch.device | None = None) -
     if value in COMPILE_MODES:
         return str(value)
     raise SynthgenError(f"compile must be auto, off, {', '.join(COMPILE_MODES)}; got {value!r}")
+
+
+def host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` (random draws or indices made on the CPU) on ``device``. To a GPU it goes pinned and
+    asynchronously: a plain ``.to`` from pageable memory waits for every queued kernel first, which
+    in a training loop stalls each step until the GPU has drained."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a first call under inference mode must not cache an inference tensor
+        return torch.tensor(values, dtype=dtype).to(device)
+
+
+def _hashable(values):
+    if isinstance(values, (list, tuple)):
+        return tuple(_hashable(v) for v in values)
+    return float(values)
+
+
+def device_constant(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.as_tensor(values, dtype=dtype, device=device)``, built once per (values, dtype, device):
+    building a GPU tensor from Python numbers is a blocking host-to-device copy, which a loop doing it
+    every batch pays as a device sync per step. Shared between callers: never modify it in place.
+    A tensor ``values`` is passed through ``as_tensor``."""
+    if isinstance(values, torch.Tensor):
+        return torch.as_tensor(values, dtype=dtype, device=device)
+    return _constant(_hashable(values), dtype, torch.device(device))
 
 
 def _has_strided_convs(model: nn.Module) -> bool:
@@ -188,6 +222,12 @@ class Runtime:
             self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         return self._scaler
 
+    def reset_scaler(self) -> None:
+        """Start a new training run at the initial fp16 loss scale. A runtime serves several runs
+        (the CAS baseline and each scale, tuning trials, probes): a scale carried over from the run
+        before would skip other steps, so a run's result would depend on what ran before it."""
+        self._scaler = None
+
     # ---------------------------------------------------------------- the model and the step
     def uses_channels_last(self, model: nn.Module) -> bool:
         if self.channels_last is not None:
@@ -234,9 +274,7 @@ class Runtime:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         if x.device == self.device:
             return x
-        if self.device.type == "cuda" and x.device.type == "cpu":
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device)
+        return host_to_device(x, self.device)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -16,8 +16,8 @@ Where images are decoded (``decode``; ``"auto"``: on a GPU when the shards hold 
   :func:`~synthgen.train.data.load_image_dataset` does), uint8 batches copied to the device;
 * ``"device"``: the workers pass the encoded bytes and the main process decodes the batch with
   ``torchvision.io.decode_jpeg(..., device=...)`` - on a GPU that is nvJPEG, which outpaces CPU
-  workers at 224 px (a resize there is antialiased bilinear, not PIL's bicubic); PNG and other
-  formats fall back to the CPU decoder.
+  workers at 224 px (the same shorter-side resize and centre crop, antialiased bilinear there
+  instead of PIL's bicubic); PNG and other formats fall back to the CPU decoder.
 
 It has the batch interface of :class:`~synthgen.train.batches.TensorBatches` (``epoch``, ``len``),
 so :func:`~synthgen.train.classify.train_classifier` and pre-training take either.
@@ -166,6 +166,22 @@ class _Decode:
         return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))), labels
 
 
+def _resize_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` on any device -> ``[3, size, size]``: the shorter side resized to ``size``,
+    then the centre square, as the workers' PIL path (``data._decode_one``) cuts it (the resize here
+    is antialiased bilinear, not bicubic)."""
+    import torch.nn.functional as F
+
+    h, w = image.shape[-2:]
+    if (h, w) == (size, size):
+        return image
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    out = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return out[0, :, top : top + size, left : left + size].round_().clamp_(0, 255).to(torch.uint8)
+
+
 def _full_batches(loader, size: int):
     """``loader``'s batches with the short ones (each worker's last) joined into full ones; the rows
     left over come last, as one short batch."""
@@ -265,7 +281,8 @@ class StreamBatches:
         base_dir = path if local and os.path.isdir(path) else (os.path.dirname(path) if local else None)
         self._decode_fn = _Decode(image_column, label_column, image_size, base_dir, raw=decode == "device", label_ids=label_ids)
         self.image_size = image_size
-        self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.long)
+        # on the device once: relabelling a batch then copies nothing from the host
+        self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.long).to(runtime.device)
         self.source = {"id": path, "revision": revision, "sha": commit, "split": split, "streamed": True, "shards": self.n_shards}
 
     def __len__(self) -> int:
@@ -318,11 +335,7 @@ class StreamBatches:
             else:
                 imgs = [decode_image(e, mode=ImageReadMode.RGB).to(rt.device) for e in encoded]
         if self.image_size is not None:
-            import torch.nn.functional as F
-
-            s = self.image_size
-            imgs = [F.interpolate(i[None].float(), size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-                    .round_().clamp_(0, 255).to(torch.uint8)[0] if i.shape[-2:] != (s, s) else i for i in imgs]
+            imgs = [_resize_crop(i, self.image_size) for i in imgs]
         return torch.stack(imgs)
 
     def epoch(self, batch_size: int, generator_or_epoch=None, *, drop_last: bool = False, min_batch: int = 2,
@@ -364,7 +377,7 @@ class StreamBatches:
         x = self._to_device(data)
         y = labels.to(self.runtime.device, non_blocking=True)
         if self.label_map is not None:
-            y = self.label_map.to(self.runtime.device)[y]
+            y = self.label_map[y]
         return x, (None if self._decode_fn.label_column is None else y)
 
     def channel_stats(self, max_images: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:
