@@ -226,10 +226,19 @@ CORRUPTIONS = {
 def test_a_damaged_shard_is_found_and_rebuilt(copy_of, complete, loaded, case):
     from synthgen.dataset import verify_dataset
 
+    from synthgen.dataset import read_row
+
     original = (complete / "data/train-00001-of-00003.parquet").read_bytes()
     CORRUPTIONS[case](copy_of)
     report = verify_dataset(copy_of)
     assert not report.ok and any("train-00001" in p for p in report.problems), report.problems
+    # a same-size change is found by the checksum, whatever else finds it (an image may still decode)
+    same_size = case != "shard-copied-over-another"
+    first = "sha256 differs from the" if same_size else "bytes, the manifest says"
+    assert report.problems[0].startswith("data/train-00001-of-00003.parquet: ") and first in report.problems[0], report.problems
+    why = "sha256 differs from its marker" if same_size else "size [0-9]+ bytes, marker says"
+    with pytest.raises(SynthgenError, match=rf"train-00001-of-00003.parquet is damaged \({why}"):
+        read_row(copy_of, 5)  # a row is never served from a damaged shard
     result = build(tiny(), copy_of, loaded)
     assert list(result.rebuilt) == ["train-00001-of-00003"] and result.shards_written == 1
     assert result.dataset_complete
