@@ -79,3 +79,30 @@ def test_jpeg_quality_counts_for_jpeg_only():
     jpeg, jpeg_q = _recipe(image_format="jpeg"), _recipe(image_format="jpeg", jpeg_quality=50)
     assert jpeg.settings_hash() != jpeg_q.settings_hash()
     assert jpeg_q.generation_settings()["jpeg_quality"] == 50
+
+
+# --------------------------------------------------------------------------------------------------
+# local writes: a reader sees the old file or the new one, never a part
+# --------------------------------------------------------------------------------------------------
+def test_write_atomically_never_exposes_a_partial_file(tmp_path):
+    from synthgen.dataset.storage import write_atomically
+
+    path = tmp_path / "shard.parquet"
+    path.write_bytes(b"old")
+    during = []
+
+    def write(tmp):
+        tmp.write_bytes(b"new, half")
+        during.append(path.read_bytes())  # what a reader sees meanwhile
+
+    write_atomically(path, write)
+    assert during == [b"old"] and path.read_bytes() == b"new, half"
+
+    def fail(tmp):
+        tmp.write_bytes(b"part")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomically(path, fail)
+    assert path.read_bytes() == b"new, half"  # the whole earlier file, not the part
+    assert [p.name for p in tmp_path.iterdir()] == ["shard.parquet"]  # and no temp file

@@ -246,6 +246,29 @@ def test_a_damaged_shard_is_found_and_rebuilt(copy_of, complete, loaded, case):
     assert verify_dataset(copy_of).ok
 
 
+def test_a_marker_is_written_only_once_its_shard_file_is_whole(tmp_path, loaded, monkeypatch):
+    """The marker is the completion record: when it appears, the file it describes is already there
+    with its bytes (a kill between the two leaves a shard to redo, never a marker without its file)."""
+    import hashlib
+
+    from synthgen.dataset.storage import LocalStore
+    from synthgen.dataset.writer import MARKERS
+
+    seen = []
+    write_text = LocalStore.write_text
+
+    def watch(self, rel, text):
+        if rel.startswith(f"{MARKERS}/"):
+            marker = json.loads(text)
+            path = self.path(marker["file"])
+            seen.append(path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == marker["sha256"])
+        return write_text(self, rel, text)
+
+    monkeypatch.setattr(LocalStore, "write_text", watch)
+    assert build(tiny(**{"count": 8}), tmp_path / "ds", loaded).shards_written == 2
+    assert seen == [True, True]
+
+
 def test_a_stray_shard_file_is_refused(copy_of, loaded, capsys):
     from synthgen.dataset import verify_dataset
 
