@@ -106,3 +106,31 @@ def test_write_atomically_never_exposes_a_partial_file(tmp_path):
         write_atomically(path, fail)
     assert path.read_bytes() == b"new, half"  # the whole earlier file, not the part
     assert [p.name for p in tmp_path.iterdir()] == ["shard.parquet"]  # and no temp file
+
+
+# --------------------------------------------------------------------------------------------------
+# shard plan: every row in exactly one shard, the last shard and a --limit prefix cut exactly
+# --------------------------------------------------------------------------------------------------
+def test_shard_plan_covers_every_row_once_with_a_short_last_shard():
+    from synthgen.dataset.plan import ShardPlan
+
+    plan = ShardPlan(10, 4)
+    assert plan.num_shards == 3 and plan.to_dict()["num_shards"] == 3
+    assert [(s.start, s.stop, len(s)) for s in plan.shards()] == [(0, 4, 4), (4, 8, 4), (8, 10, 2)]
+    assert [s.name for s in plan.shards()] == [f"train-0000{i}-of-00003" for i in range(3)]
+    for total, per in [(1, 1), (7, 7), (8, 7), (12, 4), (13, 4), (1000, 999)]:
+        rows = [i for s in ShardPlan(total, per).shards() for i in range(s.start, s.stop)]
+        assert rows == list(range(total)), (total, per)
+    with pytest.raises(IndexError):
+        plan.shard(3)
+
+
+def test_a_limit_prefix_cuts_its_last_shard_at_the_limit():
+    from synthgen.dataset.plan import ShardPlan
+
+    plan = ShardPlan(10, 4)
+    assert [(s.start, s.stop) for s in plan.prefix(5)] == [(0, 4), (4, 5)]
+    assert [(s.start, s.stop) for s in plan.prefix(8)] == [(0, 4), (4, 8)]
+    assert [(s.start, s.stop) for s in plan.prefix(1)] == [(0, 1)]
+    assert plan.prefix(5)[-1].filename == plan.shard(1).filename  # under its full-plan name
+    assert plan.prefix(10) == plan.prefix(None) == plan.prefix(11) == plan.shards()
