@@ -134,3 +134,36 @@ def test_a_limit_prefix_cuts_its_last_shard_at_the_limit():
     assert [(s.start, s.stop) for s in plan.prefix(1)] == [(0, 1)]
     assert plan.prefix(5)[-1].filename == plan.shard(1).filename  # under its full-plan name
     assert plan.prefix(10) == plan.prefix(None) == plan.prefix(11) == plan.shards()
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras callbacks: min_delta is absolute in both modes, for both callbacks
+# --------------------------------------------------------------------------------------------------
+def _epochs(callback, values, key):
+    for epoch, value in enumerate(values, 1):
+        if callback.on_epoch_end(epoch, {key: value}):
+            return epoch
+    return len(values)
+
+
+def test_min_delta_is_absolute_in_min_and_max_mode():
+    import torch
+
+    from synthgen.train.callbacks import EarlyStopping, ReduceLROnPlateau
+
+    # losses near 2 falling by 0.015 an epoch: each step beats min_delta 0.01 absolutely, though not
+    # by 1% of the value (a relative min_delta would see a plateau after epoch 2)
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    plateau = ReduceLROnPlateau(opt, "val_loss", "min", factor=0.5, patience=1, min_delta=0.01)
+    assert _epochs(plateau, [2.0, 1.985, 1.97, 1.955], "val_loss") == 4 and plateau.cuts == []
+    plateau = ReduceLROnPlateau(opt, "val_loss", "min", factor=0.5, patience=1, min_delta=0.01)
+    _epochs(plateau, [2.0, 1.995], "val_loss")  # within min_delta: a plateau
+    assert plateau.cuts == [2] and opt.param_groups[0]["lr"] == 0.5
+    stop = EarlyStopping("val_loss", "min", patience=2, min_delta=0.01)
+    assert _epochs(stop, [2.0, 1.985, 1.97, 1.955], "val_loss") == 4
+    assert stop.best_epoch == 4 and stop.stopped_epoch is None
+    # accuracies near 0.5 within 0.01 of the first: none beats it by min_delta 0.01 absolutely (0.508
+    # beats it by 1% of the value): patience 2 stops after epoch 3 with epoch 1 the best
+    stop = EarlyStopping("val_acc", "max", patience=2, min_delta=0.01)
+    assert _epochs(stop, [0.5, 0.508, 0.505, 0.509], "val_acc") == 3
+    assert (stop.best_epoch, stop.stopped_epoch, stop.best) == (1, 3, 0.5)
