@@ -167,3 +167,30 @@ def test_min_delta_is_absolute_in_min_and_max_mode():
     stop = EarlyStopping("val_acc", "max", patience=2, min_delta=0.01)
     assert _epochs(stop, [0.5, 0.508, 0.505, 0.509], "val_acc") == 3
     assert (stop.best_epoch, stop.stopped_epoch, stop.best) == (1, 3, 0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# CAS: the default protocol is Lomurno et al.'s split -- 40k real fit, the next 10k validate every run
+# --------------------------------------------------------------------------------------------------
+def test_default_cas_protocol_fits_40k_validates_on_the_next_10k_and_x1_is_40k():
+    import torch
+
+    from synthgen.train.cas import load_cas_protocol, load_real_splits
+    from synthgen.train.data import ImageTensorDataset
+
+    p, info = load_cas_protocol(None)
+    assert info["file"].endswith("cas-lomurno.yaml")
+    assert (p.real_fit, p.real_val, p.validation, p.scale_unit) == (40000, 10000, "real", None)
+    assert (p.epochs, p.batch_size, p.lr, p.label_smoothing, p.normalization) == (100, 256, 1e-3, 0.1, "unit")
+    assert (p.plateau.factor, p.plateau.patience, p.plateau.min_lr, p.plateau.min_delta) == (0.1, 10, 1e-5, 1e-4)
+    assert (p.early_stopping.patience, p.early_stopping.min_delta, p.early_stopping.restore_best) == (25, 0.0, True)
+
+    names = [f"c{i}" for i in range(10)]
+    n = 50000  # CIFAR-10's training split, as 1x1 images whose label is their row's last digit
+    train = ImageTensorDataset(torch.zeros(n, 3, 1, 1, dtype=torch.uint8), torch.arange(n) % 10, class_names=names)
+    test = ImageTensorDataset(torch.zeros(10, 3, 1, 1, dtype=torch.uint8), torch.arange(10), class_names=names)
+    train.images[:, 0, 0, 0] = (torch.arange(n) // 10 % 256).to(torch.uint8)  # rows tell apart
+    splits = load_real_splits((train, test), p)
+    assert (len(splits.fit), len(splits.val), splits.scale_base) == (40000, 10000, 40000)
+    assert torch.equal(splits.fit.images, train.images[:40000]) and torch.equal(splits.val.images, train.images[40000:])
+    assert splits.test is None
