@@ -194,3 +194,17 @@ def test_default_cas_protocol_fits_40k_validates_on_the_next_10k_and_x1_is_40k()
     assert (len(splits.fit), len(splits.val), splits.scale_base) == (40000, 10000, 40000)
     assert torch.equal(splits.fit.images, train.images[:40000]) and torch.equal(splits.val.images, train.images[40000:])
     assert splits.test is None
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts: {h} is the first hypernym (@); an instance hypernym (@i) only when there is none
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/wordnet/data.noun").is_file(),
+                    reason="no local WordNet: apt-get install wordnet-base")
+def test_hypernym_prefers_a_hypernym_over_an_earlier_instance_hypernym():
+    from synthgen.prompts.tables import build_class_table
+
+    # Alabama and Logrono list an instance hypernym (@i) before their hypernym (@); Orion and the
+    # Enlightenment list the hypernym first; tench has hypernyms only
+    table = build_class_table(["n09053185", "n09026499", "n09380117", "n08472590", "n01440764"])
+    assert [r.hypernym for r in table] == ["South", "Spain", "diffuse nebula", "reform movement", "cyprinid"]
