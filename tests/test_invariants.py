@@ -208,3 +208,41 @@ def test_hypernym_prefers_a_hypernym_over_an_earlier_instance_hypernym():
     # Enlightenment list the hypernym first; tench has hypernyms only
     table = build_class_table(["n09053185", "n09026499", "n09380117", "n08472590", "n01440764"])
     assert [r.hypernym for r in table] == ["South", "Spain", "diffuse nebula", "reform movement", "cyprinid"]
+
+
+# --------------------------------------------------------------------------------------------------
+# class-conditioning tuning: a trial reports every epoch (pruning) and scores its best epoch
+# --------------------------------------------------------------------------------------------------
+def test_a_trial_reports_every_epoch_and_scores_its_best_validation_epoch(monkeypatch):
+    """The training loop's gradient steps are replaced by a scripted validation curve (0.30, 0.55,
+    0.40) that the real callbacks, the real CAS bookkeeping and a real Optuna trial see."""
+    import optuna
+    import torch
+
+    from synthgen.classcond.trials import score_images
+    from synthgen.train import cas
+    from synthgen.train.callbacks import run_epoch_callbacks
+    from synthgen.train.classify import TrainResult
+    from synthgen.train.data import ImageTensorDataset
+
+    def scripted(model, train, val, config, *, callbacks=(), **kwargs):
+        history = []
+        for epoch, acc in enumerate([0.30, 0.55, 0.40], 1):
+            history.append({"epoch": epoch, "train_loss": 1.0, "val_acc": acc})
+            if run_epoch_callbacks(callbacks, epoch, history[-1]):
+                break
+        for cb in callbacks:
+            cb.on_train_end()
+        return TrainResult(model=model, history=history, epochs_run=len(history))
+
+    monkeypatch.setattr(cas, "train_classifier", scripted)
+    images = ImageTensorDataset(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
+                                class_names=["a", "b"])
+    protocol = cas.load_cas_protocol(None, ["model=resnet20", "epochs=3"])[0]
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    score = score_images(images, images, protocol, seed=0, trial=trial)
+    study.tell(trial, score.value)
+    assert score.value == 0.55 and score.metrics["best_epoch"] == 2 and score.pruned_at is None
+    assert study.trials[0].intermediate_values == {1: 0.30, 2: 0.55, 3: 0.40}
