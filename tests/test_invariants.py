@@ -246,3 +246,45 @@ def test_a_trial_reports_every_epoch_and_scores_its_best_validation_epoch(monkey
     study.tell(trial, score.value)
     assert score.value == 0.55 and score.metrics["best_epoch"] == 2 and score.pruned_at is None
     assert study.trials[0].intermediate_values == {1: 0.30, 2: 0.55, 3: 0.40}
+
+
+# --------------------------------------------------------------------------------------------------
+# mixtures: rows per source (floor of the fraction, at least one), labels by name, groups apart
+# --------------------------------------------------------------------------------------------------
+def _parquet_source(path, names, n, first):
+    """``n`` 8x8 images whose red value is their row's id (first, first+1, ...), labels cycling
+    through ``names``, caption groups of two rows."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((8, 8, 3), first + i, np.uint8)) for i in range(n)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names),
+                               "group": datasets.Value("int64")})
+    data = {"image": images, "label": [i % len(names) for i in range(n)], "group": [i // 2 for i in range(n)]}
+    datasets.Dataset.from_dict(data, features=feats).to_parquet(str(path))
+    return path
+
+
+def test_mixture_rows_labels_and_groups_per_source(tmp_path):
+    from synthgen.train.config import SourceSpec
+    from synthgen.train.sources import load_mixture
+
+    a = _parquet_source(tmp_path / "mixture-a-7.parquet", ["cat", "dog"], 7, first=0)
+    b = _parquet_source(tmp_path / "mixture-b-30.parquet", ["dog", "bird"], 30, first=100)
+    specs = [SourceSpec(source=str(a), fraction=0.5),  # 3.5 rows: 3
+             SourceSpec(source=str(b), fraction=0.05),  # 1.5 rows: 1
+             SourceSpec(source=str(b), fraction=0.01),  # 0.3 rows: still 1
+             SourceSpec(source=str(b), size=4),
+             SourceSpec(source=str(a))]  # every row, groups from 0
+    ds, rows = load_mixture(specs, image_size=None, group_column="group", seed=0)
+    assert [r["rows_used"] for r in rows] == [3, 1, 1, 4, 7] and [r["rows_available"] for r in rows] == [7, 30, 30, 30, 7]
+    assert len(ds) == 16 and ds.class_names == ["cat", "dog", "bird"]  # the first source's, then new names
+    row_ids = ds.images[:, 0, 0, 0].tolist()
+    for j, row in enumerate(row_ids):  # every row keeps its own class name
+        names, i = (["cat", "dog"], row) if row < 100 else (["dog", "bird"], row - 100)
+        assert ds.class_names[int(ds.labels[j])] == names[i % 2], (j, row)
+    parts = [ds.groups[:3], ds.groups[3:4], ds.groups[4:5], ds.groups[5:9], ds.groups[9:]]
+    for k, part in enumerate(parts):  # caption groups never merge across sources
+        for other in parts[k + 1:]:
+            assert not set(part.tolist()) & set(other.tolist())
