@@ -288,3 +288,34 @@ def test_mixture_rows_labels_and_groups_per_source(tmp_path):
     for k, part in enumerate(parts):  # caption groups never merge across sources
         for other in parts[k + 1:]:
             assert not set(part.tolist()) & set(other.tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub: a remote file counts as ours only with our bytes (same size is not enough)
+# --------------------------------------------------------------------------------------------------
+def test_a_remote_file_counts_as_ours_only_with_our_bytes_not_our_size(tmp_path):
+    import hashlib
+
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils.sha import git_hash
+
+    from synthgen.hub.publish import index_files, same_content
+
+    ours, theirs = b"shard bytes, version 2", b"shard bytes, version 1"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/train.parquet").write_bytes(ours)
+    local = index_files(tmp_path)["data/train.parquet"]
+
+    def lfs_entry(data):
+        return RepoFile(path="data/train.parquet", size=len(data), oid=git_hash(b"pointer"),
+                        lfs={"size": len(data), "oid": hashlib.sha256(data).hexdigest(), "pointerSize": 130})
+
+    def git_entry(data):
+        return RepoFile(path="data/train.parquet", size=len(data), oid=git_hash(data))
+
+    assert same_content(lfs_entry(ours), local) and same_content(git_entry(ours), local)
+    assert not same_content(lfs_entry(theirs), local) and not same_content(git_entry(theirs), local)
+    assert not same_content(lfs_entry(ours + b"!"), local)
+    # the sha256 a manifest already knows is trusted as the file's LFS id (no second read)
+    known = index_files(tmp_path, {"data/train.parquet": hashlib.sha256(theirs).hexdigest()})["data/train.parquet"]
+    assert same_content(lfs_entry(theirs), known) and not same_content(lfs_entry(ours), known)
