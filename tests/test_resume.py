@@ -246,6 +246,17 @@ def test_a_damaged_shard_is_found_and_rebuilt(copy_of, complete, loaded, case):
     assert verify_dataset(copy_of).ok
 
 
+def test_shards_another_rank_owns_are_checked_cheaply_by_marker_and_size(copy_of):
+    from synthgen.dataset.folder import plan_build
+
+    (copy_of / "data/train-00001-of-00003.parquet").unlink()
+    with open(copy_of / "data/train-00002-of-00003.parquet", "ab") as f:
+        f.write(b"\0")  # one byte more than its marker says
+    build = plan_build(tiny(), copy_of, verify=lambda spec: spec.index == 0)  # rank 0 of 3 owns shard 0
+    assert build.done == [0]
+    assert build.damaged == {f"train-0000{i}-of-00003": "file missing or not the size its marker says" for i in (1, 2)}
+
+
 def test_a_marker_is_written_only_once_its_shard_file_is_whole(tmp_path, loaded, monkeypatch):
     """The marker is the completion record: when it appears, the file it describes is already there
     with its bytes (a kill between the two leaves a shard to redo, never a marker without its file)."""
