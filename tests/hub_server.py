@@ -183,6 +183,7 @@ class Fault:
     retry_after: Optional[int] = None
     times: int = 1
     skip: int = 0  # let this many matching requests through first
+    message: Optional[str] = None  # the error message of a "status" answer (default: "injected <status>")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,13 +241,14 @@ class FakeHub:
         retry_after: Optional[int] = None,
         times: int = 1,
         skip: int = 0,
+        message: Optional[str] = None,
     ) -> Fault:
         """Make the next ``times`` requests matching ``method`` and the ``pattern`` regex (searched
         in the request path as sent, URL-quoted) fail: ``kind="status"`` answers ``status`` (with ``Retry-After`` if
-        given), ``"drop"`` closes the connection unanswered, ``"drop-after"`` handles the request and
+        given; ``message`` as its error message), ``"drop"`` closes the connection unanswered, ``"drop-after"`` handles the request and
         then closes the connection (the change lands, the client never hears of it)."""
         assert kind in ("status", "drop", "drop-after")
-        fault = Fault(method, pattern, kind, status, retry_after, times, skip)
+        fault = Fault(method, pattern, kind, status, retry_after, times, skip, message)
         with self.lock:
             self.faults.append(fault)
         return fault
@@ -412,7 +414,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if fault.kind == "status":
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
-                self._send_json(fault.status, {"error": f"injected {fault.status}"}, request, headers)
+                if fault.message is not None:
+                    headers["X-Error-Message"] = fault.message
+                self._send_json(fault.status, {"error": fault.message or f"injected {fault.status}"}, request, headers)
                 return
         try:
             with fake.lock:

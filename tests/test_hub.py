@@ -311,6 +311,16 @@ def test_token_never_written_or_printed(fake_hub, v1, tmp_path):
         assert not any(TOKEN.encode() in data for data in files.values())
 
 
+def test_a_hub_error_that_echoes_the_token_is_redacted(fake_hub, v1, capsys):
+    # a server (or a proxy before it) may quote the credentials it refused
+    fake_hub.fail("POST", r"/preupload/", status=403, message=f"token {TOKEN} may only read")
+    code, out, err = cli(capsys, "push", v1, "org/demo", "--tag", "v1.0.0")
+    assert code == 1 and err.count("\n") == 1, err
+    assert err == "error: the token may not write to org/demo (HTTP 403): token <token> may only read\n"
+    assert TOKEN not in out + err
+    assert fake_hub.calls("POST", r"/preupload/")[0].fault == "403"  # the message did come from the Hub
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. bad input: one clear line, non-zero exit, nothing pushed
 # --------------------------------------------------------------------------------------------------

@@ -226,15 +226,58 @@ CORRUPTIONS = {
 def test_a_damaged_shard_is_found_and_rebuilt(copy_of, complete, loaded, case):
     from synthgen.dataset import verify_dataset
 
+    from synthgen.dataset import read_row
+
     original = (complete / "data/train-00001-of-00003.parquet").read_bytes()
     CORRUPTIONS[case](copy_of)
     report = verify_dataset(copy_of)
     assert not report.ok and any("train-00001" in p for p in report.problems), report.problems
+    # a same-size change is found by the checksum, whatever else finds it (an image may still decode)
+    same_size = case != "shard-copied-over-another"
+    first = "sha256 differs from the" if same_size else "bytes, the manifest says"
+    assert report.problems[0].startswith("data/train-00001-of-00003.parquet: ") and first in report.problems[0], report.problems
+    why = "sha256 differs from its marker" if same_size else "size [0-9]+ bytes, marker says"
+    with pytest.raises(SynthgenError, match=rf"train-00001-of-00003.parquet is damaged \({why}"):
+        read_row(copy_of, 5)  # a row is never served from a damaged shard
     result = build(tiny(), copy_of, loaded)
     assert list(result.rebuilt) == ["train-00001-of-00003"] and result.shards_written == 1
     assert result.dataset_complete
     assert (copy_of / "data/train-00001-of-00003.parquet").read_bytes() == original  # deterministic redo
     assert verify_dataset(copy_of).ok
+
+
+def test_shards_another_rank_owns_are_checked_cheaply_by_marker_and_size(copy_of):
+    from synthgen.dataset.folder import plan_build
+
+    (copy_of / "data/train-00001-of-00003.parquet").unlink()
+    with open(copy_of / "data/train-00002-of-00003.parquet", "ab") as f:
+        f.write(b"\0")  # one byte more than its marker says
+    build = plan_build(tiny(), copy_of, verify=lambda spec: spec.index == 0)  # rank 0 of 3 owns shard 0
+    assert build.done == [0]
+    assert build.damaged == {f"train-0000{i}-of-00003": "file missing or not the size its marker says" for i in (1, 2)}
+
+
+def test_a_marker_is_written_only_once_its_shard_file_is_whole(tmp_path, loaded, monkeypatch):
+    """The marker is the completion record: when it appears, the file it describes is already there
+    with its bytes (a kill between the two leaves a shard to redo, never a marker without its file)."""
+    import hashlib
+
+    from synthgen.dataset.storage import LocalStore
+    from synthgen.dataset.writer import MARKERS
+
+    seen = []
+    write_text = LocalStore.write_text
+
+    def watch(self, rel, text):
+        if rel.startswith(f"{MARKERS}/"):
+            marker = json.loads(text)
+            path = self.path(marker["file"])
+            seen.append(path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == marker["sha256"])
+        return write_text(self, rel, text)
+
+    monkeypatch.setattr(LocalStore, "write_text", watch)
+    assert build(tiny(**{"count": 8}), tmp_path / "ds", loaded).shards_written == 2
+    assert seen == [True, True]
 
 
 def test_a_stray_shard_file_is_refused(copy_of, loaded, capsys):
