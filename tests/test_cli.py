@@ -212,3 +212,26 @@ def test_validation_message_names_the_value_once(capsys, tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     line = _one_error_line(capsys, ["prompts", str(path)], code=1)
     assert line.endswith("generator.height: must be a multiple of 8 (got 30)")
+
+
+def test_a_missing_recipe_folder_is_a_usage_error(tmp_path, capsys):
+    line = _one_error_line(capsys, ["--recipes", str(tmp_path / "nowhere"), "recipes", "list"], code=2)
+    assert "--recipes" in line and "nowhere" in line
+
+
+def test_dry_run_checks_the_executor_options(tmp_path, capsys, monkeypatch):
+    """--dry-run refuses what the build would refuse before writing anything, and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    line = _one_error_line(capsys, ["build", "demo", "--dry-run", "--executor", "nope"], code=1)
+    assert "unknown executor 'nope'" in line
+    line = _one_error_line(capsys, ["build", "demo", "--dry-run", "--num-workers", "2", "--worker-index", "5"], code=1)
+    assert "--worker-index must be in [0, 2)" in line
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = _one_error_line(capsys, ["build", "demo", "--dry-run"], code=1)
+    assert "RANK=3 is out of range" in line
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["build", "demo", "--dry-run", "--executor", "local"]) == 0
+    assert "dry run: nothing was written" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

@@ -53,6 +53,9 @@ def _root(
     recipes: Optional[List[Path]] = typer.Option(
         None,
         "--recipes",
+        metavar="DIR",
+        exists=True,
+        file_okay=False,
         help="A folder of your own dataset recipes, searched before the built-in ones (repeatable; "
         "also SYNTHGEN_RECIPES, a path list).",
     ),

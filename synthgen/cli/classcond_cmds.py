@@ -64,8 +64,11 @@ def _stage_done(what: str, result) -> None:
 def train(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help=RUN_DIR_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ... (cpu trains on the CPU even with a GPU) [default: auto]."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto, cpu, cuda, cuda:1 ... (cpu trains on the CPU even with a GPU) "
+        "[default: the recipe's: the CPU with encoder.cpu: true, else auto]."
+    ),
 ) -> None:
     """Stage 1: train the class encoder (UNet and VAE frozen), a checkpoint per epoch; resumes."""
     from synthgen.classcond.run import train_stage
@@ -80,7 +83,7 @@ def tune(
     stage: str = typer.Option("encoder", "--stage", help="encoder (stage 2: encoder epoch) or unet (stage 4: UNet epoch)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help=RUN_DIR_HELP),
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Finished trials to reach [default: the recipe's]."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Stage 2 or 4: tune steps, guidance and a checkpoint epoch for CAS (Optuna TPE + Hyperband).
@@ -111,8 +114,11 @@ def finetune(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help=RUN_DIR_HELP),
     encoder_epoch: Optional[int] = typer.Option(None, "--encoder-epoch", help="The encoder epoch to fix [default: stage 2's best]."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ... (cpu trains on the CPU even with a GPU) [default: auto]."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto, cpu, cuda, cuda:1 ... (cpu trains on the CPU even with a GPU) "
+        "[default: the recipe's: the CPU with unet.cpu: true, else auto]."
+    ),
 ) -> None:
     """Stage 3: fine-tune the UNet (full, or LoRA with unet.method=lora) with the encoder fixed; resumes."""
     from synthgen.classcond.run import finetune_stage
@@ -126,7 +132,7 @@ def finetune(
 def run(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-r", help=RUN_DIR_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch, per-trial or progress lines."),
 ) -> None:

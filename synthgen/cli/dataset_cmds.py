@@ -48,8 +48,11 @@ def build(
         help="Build only the first N images of the recipe's plan; a later build without --limit completes it "
         "[default: all].",
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (images, shards, prompts, folder) and write nothing."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (images, shards, prompts, folder) and write nothing; the recipe and the "
+        "executor options are checked as for a build."
+    ),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder built from another recipe, or started with another model or precision."),
     executor: str = typer.Option(
         "auto", "--executor",
@@ -92,6 +95,11 @@ def build(
     if push_to_hub is not None or tag is not None or private:
         _check_push_request(push_to_hub, tag, limit, folder)
     if dry_run:
+        from synthgen.dataset.executors import resolve_executor
+
+        # the same checks a build makes before it writes anything (executor name, worker split, rank variables)
+        resolve_executor(executor, ray_address=ray_address, num_workers=num_workers, worker_index=worker_index,
+                         share_only=share_only)
         _print_plan(plan_build(r, folder, overwrite=overwrite, limit=limit))
         return
     result = build_dataset(
@@ -198,7 +206,7 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
     """Print a recipe with every default filled in (what a build would use), as YAML."""
     import yaml
@@ -212,7 +220,7 @@ def prompts(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
     n: int = typer.Option(20, "-n", help="How many prompts to show."),
     start: int = typer.Option(0, "--start", help="First image index."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     tsv: bool = typer.Option(False, "--tsv", help="Tab-separated lines instead of a table (for pipes)."),
 ) -> None:
     """Show the prompts a recipe gives its images (index, label, group, prompt)."""

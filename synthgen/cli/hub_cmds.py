@@ -16,7 +16,7 @@ def push(
     repo_id: str = typer.Argument(..., help="The Hub repo, as namespace/name (created if missing)."),
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Tag the pushed revision, e.g. v1.0.0 (never moved once published)."),
     private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its visibility)."),
-    branch: Optional[str] = typer.Option(None, "--branch", help="Commit to this branch (created from main if missing)."),
+    branch: Optional[str] = typer.Option(None, "--branch", help="Commit to this branch (created from main if missing) [default: main]."),
     create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request against main instead of committing to it."),
     message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
     force: bool = typer.Option(False, "--force", help="Publish over a repo that holds another dataset or model."),

@@ -13,13 +13,15 @@ from synthgen.cli import app
 from synthgen.cli.output import console, err_console
 
 
-SET_HELP = "Override a recipe field, e.g. --set optimizer.lr=3e-4 (repeatable; values are YAML)."
+PRETRAIN_SET_HELP = "Override a recipe field, e.g. --set optimizer.lr=3e-4 (repeatable; values are YAML)."
+EVAL_SET_HELP = ("Override a recipe field, e.g. --set linear.lr=1e-3 or --set dataset.train_limit=1000 "
+                 "(repeatable; values are YAML).")
 
 
 @app.command()
 def pretrain(
     recipe: str = typer.Argument(..., help="A training recipe under train/ (e.g. rotation-vit, stablerep-vit, simclr) or a YAML file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=PRETRAIN_SET_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: runs/pretrain/<recipe name>]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, ... [default: the recipe's, auto]."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Fail if --out already holds a checkpoint instead of resuming it."),
@@ -58,29 +60,30 @@ def pretrain(
 @app.command()
 def evaluate(
     recipe: Optional[str] = typer.Argument(
-        None, help="An evaluation recipe under train/ (linear-probe-cifar10, knn-cifar10, finetune-cifar10) or a YAML file."
+        None, help="An evaluation recipe under train/ (linear-probe-cifar10, knn-cifar10, finetune-cifar10) or a YAML "
+        "file; without one, give --dataset and --checkpoint (or --model)."
     ),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="A `synthgen pretrain` output folder."),
     model: Optional[str] = typer.Option(None, "--model", help="Without a checkpoint: a model name (random init), or 'pixels'."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A labelled dataset: local folder/parquet (relative to the cwd) or Hub id."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of --dataset."),
     protocol: Optional[str] = typer.Option(None, "--protocol", "-p", help="linear, knn or finetune [default: the recipe's, else linear]."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=EVAL_SET_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report JSON file [default: <checkpoint folder>/eval/<name>.json, or runs/eval/<name>.json]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, ..."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, ... [default: the recipe's, auto]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Evaluate a backbone on a labelled dataset: linear probe, k-NN or fine-tuning; top-1/top-5 on test.
 
     Either a recipe, or --dataset with --checkpoint (or --model). Options given override the recipe.
     """
-    from synthgen.errors import SynthgenError
     from synthgen.train.config import load_eval_config
     from synthgen.train.evaluate import evaluate as run_evaluate, write_report
 
     if recipe is None:
         if dataset is None or (checkpoint is None and model is None):
-            raise SynthgenError("give an evaluation recipe, or --dataset with --checkpoint (or --model)")
+            # a usage error (exit status 2), like a missing argument
+            raise typer.BadParameter("give an evaluation recipe, or --dataset with --checkpoint (or --model)")
         stem = Path(dataset.rstrip("/")).name or "dataset"
         data: dict = {
             "name": f"{protocol or 'linear'}-{stem}",

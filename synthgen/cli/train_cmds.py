@@ -1,5 +1,4 @@
-"""Trainer commands. ``synthgen cas`` lives here; each command is a function decorated with
-``@app.command()`` (add more below, or in a sibling module imported at the end of this file)."""
+"""The CAS command: ``synthgen cas`` (``pretrain`` and ``evaluate`` are in pretrain_cmds.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import typer
 from synthgen.cli import app
 from synthgen.cli.output import console, err_console
 from synthgen.errors import SynthgenError
-
 
 
 def parse_scales(text: str | None) -> list[int] | None:
@@ -51,15 +49,15 @@ def cas(
     synthetic: str = typer.Argument(..., help="Synthetic dataset: a local folder (e.g. from `synthgen build`), a parquet file, or a Hub id."),
     real: str = typer.Option(..., "--real", help="Real dataset (local folder/parquet or Hub id) with a training and a test split."),
     protocol: str = typer.Option("cas-lomurno", "--protocol", "-p", help="A CAS protocol in train/ (cas-lomurno, cas-carved-val) or a YAML file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a protocol field, e.g. --set epochs=50 --set model=resnet20 (repeatable; values are YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a protocol field, e.g. --set epochs=50 --set model=resnet20 (repeatable; values are YAML)."),
     scales: Optional[str] = typer.Option(None, "--scales", help="Train on k scale units of synthetic images for each k, e.g. 1,2,5 or 1-10: the first k units of one shuffle seeded by --seed (scales nest)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of each classifier (initialisation, batch order, a carved validation split) and of the --scales shuffle."),
     split: str = typer.Option("train", "--split", help="Split of the synthetic dataset."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (tag, branch, commit) of the synthetic dataset."),
     real_revision: Optional[str] = typer.Option(None, "--real-revision", help="Hub revision of the real dataset."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result JSON (default: <synthetic folder>/cas/cas-<real>-seed<seed>.json, else ./)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch [default: torch's choice]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result JSON [default: <synthetic folder>/cas/cas-<real>-seed<seed>.json when that folder is writable, else ./cas-<real>-seed<seed>.json]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the real baseline even when it is cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch lines."),
 ) -> None:
@@ -114,10 +112,3 @@ def cas(
     path = write_json(output or _default_output(synthetic, real, seed), {"command": "cas", **result})
     console.print(f"results: {path}", highlight=False, soft_wrap=True)
 
-
-# Sibling command modules (e.g. pretrain/evaluate) register themselves on ``app`` when imported.
-try:  # pragma: no cover - depends on what else is installed in the tree
-    from synthgen.cli import pretrain_cmds  # noqa: F401,E402
-except ImportError as _exc:
-    if "pretrain_cmds" not in str(_exc):
-        raise
