@@ -175,7 +175,12 @@ class GeneratorConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"  # auto: bf16 on CUDA (else fp16), fp32 elsewhere
     batch_size: int = Field(8, ge=1, le=4096)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    max_retries: int = Field(3, ge=0, le=100)  # regenerations of black / non-finite images
+    max_retries: int = Field(3, ge=0, le=100)  # regenerations of black / non-finite / flagged images
+    # true: keep the pipeline's own safety checker (when it has one) and regenerate what it flags;
+    # false: load and run without it, since the SD checker flags benign ImageNet classes (swimwear,
+    # brassiere, ...) on seed after seed and so stops a build. Content, not RUNTIME: it decides
+    # which seed's image a row keeps
+    safety_checker: bool = True
     attention_slicing: bool = False
     # torch.compile the UNet and the VAE decoder (batch dimension dynamic: one compile per image
     # size); auto: on CUDA only

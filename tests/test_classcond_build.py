@@ -134,6 +134,7 @@ def test_build_writes_class_rows_that_load_with_the_planned_counts(built):
     assert model["pipeline_class"] == "ClassConditionedPipeline" and model["model_revision"].startswith("sha256:")
     assert model["class_conditioning"]["training"]["encoder_epoch"] == 7
     assert model["class_conditioning"]["class_names"] == NAMES
+    assert model["safety_checker"] is False  # the class-conditioned pipeline has none, whatever the recipe says
 
 
 def test_regenerate_gives_the_stored_pixels(built, tmp_path, capsys):

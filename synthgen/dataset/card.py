@@ -331,6 +331,11 @@ def render_card(
         "- Prompts longer than the text encoder's context (77 CLIP tokens) are truncated by the"
         " pipeline; the `prompt` column stores the full text.",
         f"- Regenerated images (black, non-finite or flagged outputs, given a derived seed): {manifest.get('retries', 0)}.",
+    ]
+    if "safety_checker" in model:  # manifests of older synthgen do not say
+        checked = "the pipeline's own, on every image" if model["safety_checker"] else "none ran (images are unfiltered)"
+        lines.append(f"- Safety checker: {checked}.")
+    lines += [
         "",
         "## Provenance",
         "",

@@ -14,7 +14,8 @@ rejected when
 * it is black: its brightest value, converted to uint8 like every stored pixel
   (``round(x * 255)``), is at most 1 -- every channel of every pixel would be stored as 0 or 1.
   That is what the Stable Diffusion safety checker returns, and what a collapsed decode gives, or
-* the pipeline flags it in ``nsfw_content_detected`` (the safety checker blacked it out).
+* the pipeline flags it in ``nsfw_content_detected`` (the safety checker blacked it out); with
+  ``generator.safety_checker: false`` the pipeline is loaded without its checker and nothing is flagged.
 
 A rejected image is regenerated with the next attempt's seed ``image_seed(s, i, attempt + 1)`` --
 the seed actually used is the one recorded -- up to ``cfg.max_retries`` times; an image still
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 #: an image whose brightest uint8 level (round(max * 255)) is at most this is black (module doc)
 BLACK_MAX_LEVEL = 1
+#: the rejection reason of an image the pipeline's safety checker flagged (generator.safety_checker)
+FLAGGED = "flagged by safety checker"
 #: generators are created on this device whatever the pipeline's device (see the module doc)
 GENERATOR_DEVICE = "cpu"
 
@@ -109,7 +112,7 @@ def _reason(finite: bool, largest: Optional[float], nsfw: bool) -> Optional[str]
     if not finite:
         return "non-finite values"
     if nsfw:
-        return "flagged by safety checker"
+        return FLAGGED
     if largest is None or round(largest * 255) <= BLACK_MAX_LEVEL:
         return "black image"
     return None
@@ -195,11 +198,11 @@ class ImageGenerator:
                 kwargs["output_type"] = "pt"
             reset_step_cache(self.pipe.unet)
             out = self._denoise(kwargs)
-        images = out.images if hasattr(out, "images") else out[0]
-        if self.latent_path:
-            images, nsfw = self.decoder(images)
-        else:
-            nsfw = getattr(out, "nsfw_content_detected", None)
+            images = out.images if hasattr(out, "images") else out[0]
+            if self.latent_path:  # in the quiet block: the safety checker warns on every image it flags
+                images, nsfw = self.decoder(images)
+            else:
+                nsfw = getattr(out, "nsfw_content_detected", None)
         flags = [bool(f) for f in nsfw] if nsfw is not None else [False] * len(prompts)
         if len(images) != len(prompts) or len(flags) != len(prompts):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(prompts)} prompts")
@@ -309,10 +312,13 @@ class ImageGenerator:
                 self.stats.failed += len(still)
                 worst = records[still[0]]
                 more = f" (and {len(still) - 1} more)" if len(still) > 1 else ""
+                why = reasons[still[0]][-1].split(": ", 1)[1]
+                hint = ""
+                if why == FLAGGED:
+                    hint = "; raise generator.max_retries or set generator.safety_checker: false"
                 raise SynthgenError(
                     f"image {worst.index}{more} still rejected after {attempt + 1} attempt(s) "
-                    f"(generator.max_retries={self.cfg.max_retries}): {reasons[still[0]][-1].split(': ', 1)[1]}; "
-                    f"{self.describe(worst)}"
+                    f"(generator.max_retries={self.cfg.max_retries}): {why}; {self.describe(worst)}{hint}"
                 )
             pending = still
             attempt += 1

@@ -91,6 +91,12 @@ class LoadedPipeline:
     # a class-conditioned pipeline's classes and checkpoint epochs (generate/classcond.py); {} otherwise
     conditioning: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def safety_checker(self) -> bool:
+        """Whether the pipeline's safety checker runs on (and may reject) every image, as applied:
+        false for ``generator.safety_checker: false`` and for pipelines that have none."""
+        return getattr(self.pipe, "safety_checker", None) is not None
+
     def provenance(self) -> dict[str, Any]:
         """Plain data for the build manifest."""
         record = {
@@ -109,6 +115,7 @@ class LoadedPipeline:
             "step_cache_interval": self.step_cache_interval,
             "vae_decode_chunk": self.vae_decode_chunk,
             "prompt_cache": self.prompt_cache,
+            "safety_checker": self.safety_checker,
             "classifier_free_guidance": "batched (one UNet call per step)",
             "versions": dict(self.versions),
         }
@@ -398,10 +405,12 @@ def load_pipeline(cfg: GeneratorConfig) -> LoadedPipeline:
     if is_class_conditioned(folder):  # synthgen's own pipeline class: loaded by class, never by remote code
         return prepare_pipeline(load_class_conditioned(folder, cfg.model, dtype), cfg, revision=revision)
     try:
+        without_checker = {} if cfg.safety_checker else no_safety_checker_kwargs(folder)
         with quiet_loading():
             # safetensors only: pickle (.bin) weights can run code when loaded (opt in: ALLOW_PICKLE_ENV)
             pipe = DiffusionPipeline.from_pretrained(
-                folder, use_safetensors=None if pickle_weights_allowed() else True, **{_dtype_kwarg(): dtype}
+                folder, use_safetensors=None if pickle_weights_allowed() else True, **{_dtype_kwarg(): dtype},
+                **without_checker,
             )
     except (OSError, ValueError, TypeError, AttributeError, ImportError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -416,6 +425,21 @@ def load_pipeline(cfg: GeneratorConfig) -> LoadedPipeline:
     return prepare_pipeline(pipe, cfg, revision=revision)
 
 
+def no_safety_checker_kwargs(folder: Path) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load ``folder``'s pipeline without its safety checker, the
+    diffusers way (``safety_checker=None``, ``requires_safety_checker=False``: its weights are never
+    read, and no "you have disabled the safety checker" warning); only the arguments its pipeline
+    class takes, since diffusers warns about any other."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, str(model_index(folder).get("_class_name")), None)
+    params = inspect.signature(cls.__init__).parameters if isinstance(cls, type) else {}
+    without = {"safety_checker": None, "requires_safety_checker": False}
+    return {name: value for name, value in without.items() if name in params}
+
+
 def prepare_pipeline(pipe: Any, cfg: GeneratorConfig, *, revision: str, model: Optional[str] = None) -> LoadedPipeline:
     """Put a diffusers pipeline on ``cfg.device`` in ``cfg.dtype`` with ``cfg``'s scheduler and speed settings.
 
@@ -428,6 +452,8 @@ def prepare_pipeline(pipe: Any, cfg: GeneratorConfig, *, revision: str, model: O
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     scheduler_name = set_scheduler(pipe, cfg.scheduler)
+    if not cfg.safety_checker and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # an in-memory pipeline (load_pipeline never loads it then)
     pipe = pipe.to(device)
     if pipe.unet.dtype != dtype:  # an in-memory pipeline; from_pretrained already loads in dtype
         pipe = pipe.to(dtype=dtype)
