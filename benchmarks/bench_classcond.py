@@ -200,6 +200,7 @@ def measure_tuning_trial(args, device) -> dict:
 
     from synthgen.classcond import ClassConditionedPipeline, ClassEncoder
     from synthgen.classcond.trials import generate_class_images, score_images
+    from synthgen.generate.decode import LatentDecoder
     from synthgen.generate.pipeline import prepare_pipeline
     from synthgen.recipe import GeneratorConfig, OutputConfig
     from synthgen.train.cas import load_cas_protocol
@@ -216,6 +217,13 @@ def measure_tuning_trial(args, device) -> dict:
                           guidance_scale=2.0, height=RESOLUTION, width=RESOLUTION, batch_size=args.trial_batch,
                           device=device.type, dtype="auto", compile=args.compile, fuse_qkv=False)
     loaded = prepare_pipeline(pipe, cfg, revision="random")
+    if device.type == "cuda":
+        # vae_decode_chunk auto measures one decode once per model and size, resetting the peak
+        # counter: do it before this trial's peak is measured, not inside its first batch
+        latent = (loaded.pipe.vae.config.latent_channels, RESOLUTION // 8, RESOLUTION // 8)
+        LatentDecoder(loaded.pipe, loaded.device, cfg.vae_decode_chunk).chunk_size(
+            torch.zeros(2, *latent, dtype=loaded.dtype, device=loaded.device))
+        torch.cuda.reset_peak_memory_stats(device)
     calls: list[float] = []
     started: list[float] = []
 

@@ -215,3 +215,43 @@ def test_fp16_pretraining_checkpoints_its_loss_scale_and_resumes_exactly(tmp_pat
     assert [h["loss"] for h in resumed.metrics["history"]] == [h["loss"] for h in full.metrics["history"]]
     final = [json.loads((tmp_path / f"{run}/checkpoint.json").read_text())["scaler"] for run in ("full", "cut")]
     assert final[0] == final[1]  # the scale and its growth count went on from where the cut run left them
+
+
+def test_auto_decode_chunk_measures_once_per_model_and_image_size(monkeypatch):
+    """``vae_decode_chunk: auto`` on CUDA measures one image's decode with the device's peak-memory
+    counter, which it must reset: once per VAE, latent dtype and size, not once per generator (a
+    tuning study makes a generator per trial; each reset would hide a benchmark's peak). The CUDA
+    memory functions are the hardware edge here: faked with a counter that the eager decode moves."""
+    from diffusers import AutoencoderKL
+
+    from synthgen.generate.decode import DECODE_MEMORY_SHARE, LatentDecoder
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    pipe = type("Pipe", (), {"vae": vae})()
+    memory = {"allocated": 1_000, "peak": 50_000, "resets": 0}
+    forward = type(vae.decoder).forward
+
+    def decoding(self, z, *args, **kwargs):  # one image's decode holds 300 bytes at its peak
+        memory["peak"] = max(memory["peak"], memory["allocated"] + 300 * len(z))
+        return forward(self, z, *args, **kwargs)
+
+    def reset(device=None):
+        memory["resets"] += 1
+        memory["peak"] = memory["allocated"]
+
+    monkeypatch.setattr(type(vae.decoder), "forward", decoding)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3_000, 10_000))
+
+    latents = torch.zeros(40, 4, 4, 4)
+    first = LatentDecoder(pipe, "cuda", "auto")
+    assert first.chunk_size(latents) == int(DECODE_MEMORY_SHARE * 3_000 // 300) == 5
+    assert LatentDecoder(pipe, "cuda", "auto").chunk_size(latents) == 5  # a second generator: no new measurement
+    assert memory["resets"] == 1
+    LatentDecoder(pipe, "cuda", "auto").chunk_size(torch.zeros(40, 4, 8, 8))  # another size is measured
+    assert memory["resets"] == 2
+    assert LatentDecoder(pipe, "cuda", 3).chunk_size(latents) == 3 and memory["resets"] == 2

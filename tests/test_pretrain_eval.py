@@ -215,6 +215,60 @@ def test_interrupted_mid_epoch_then_resumed_matches_uninterrupted(simclr_uninter
     assert [e["steps"] for e in cut["epochs_log"]] == [4, 4]
 
 
+@needs_cifar
+@pytest.mark.parametrize("nan_call,checkpoint_step", [(4, None), (6, 4)])
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_holds_it(tmp_path, monkeypatch, nan_call, checkpoint_step):
+    """Step losses stay on the device between reads (every ``log_every`` steps and at each epoch's
+    end); a non-finite one is still one error naming its step, and the checkpoint written at an
+    epoch's end never holds the weights after it. 4 steps an epoch, log_every 3, a checkpoint each
+    epoch: NaN at the 4th step -> found at the epoch's end, before its checkpoint; at the 6th -> found
+    at the step-6 read, the epoch-1 checkpoint (step 4) untouched."""
+    import synthgen.train.pretrain as pretrain_module
+    from synthgen.train.checkpoint import has_checkpoint, load_checkpoint
+
+    real_loss, calls = pretrain_module.objective_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, extra = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == nan_call else loss), extra
+
+    monkeypatch.setattr(pretrain_module, "objective_loss", poisoned)
+    with pytest.raises(SynthgenError, match=rf"^loss became nan at step {nan_call - 1}; lower optimizer.lr$"):
+        pretrain_module.pretrain(load_pretrain_config("simclr-demo", RESUME_SETS + ["checkpoint_every=1"]), tmp_path,
+                                 progress=False)
+    if checkpoint_step is None:
+        assert not has_checkpoint(tmp_path)
+    else:
+        state = load_checkpoint(tmp_path)
+        assert state["step"] == checkpoint_step
+        assert all(torch.isfinite(t).all() for t in state.model_state().values())
+
+
+@needs_cifar
+def test_the_pretraining_loop_reads_device_values_only_at_log_points(tmp_path, monkeypatch):
+    """On a GPU each read of a device value (``bool``, ``float``, ``item``, ``tolist``) waits for every
+    queued kernel. The loop reads its losses once per log record and epoch end, not once per step:
+    8 steps (2 epochs of 4), log_every 3 -> reads after steps 1, 3, 4 (epoch end), 6 and 8."""
+    import sys
+
+    import synthgen.train.pretrain as pretrain_module
+
+    reads: list[str] = []
+    for name in ("__bool__", "__float__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == pretrain_module.__file__:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    result = pretrain_module.pretrain(load_pretrain_config("simclr-demo", RESUME_SETS), tmp_path, progress=False)
+    assert result.metrics["step"] == 8 and [h["step"] for h in result.metrics["history"]] == [1, 3, 6, 8]
+    assert reads == ["tolist"] * 5
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------------

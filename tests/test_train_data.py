@@ -199,6 +199,33 @@ def test_compile_modes_resolve_per_device_and_reject_unknown_names():
         load_cas_protocol(None, ["compile=fastest"])
 
 
+def test_switch_words_that_yaml_reads_as_booleans_keep_their_meaning(tmp_path):
+    """``--set compile=off`` arrives from YAML 1.1 as False (also ``no``; ``on``/``yes`` as True): the
+    CAS protocol's ``compile`` and ``amp`` and a pre-training recipe's ``compile`` read them as words,
+    from ``--set`` and from a recipe file."""
+    import yaml
+
+    from synthgen.train.cas import load_cas_protocol
+    from synthgen.train.config import load_pretrain_config
+
+    def cas(*sets):
+        p = load_cas_protocol(None, list(sets))[0]
+        return p.compile, p.amp
+
+    assert cas("compile=off", "amp=off") == cas("compile=no", "amp=no") == ("off", "off")
+    assert cas("compile=on", "amp=on") == ("default", "auto")
+    assert cas("compile='off'", "amp=bf16") == ("off", "bf16")
+    assert load_pretrain_config("simclr-demo", ["compile=off"]).compile == "off"
+    assert load_pretrain_config("simclr-demo", ["compile=yes"]).compile == "default"
+    text = (Path(__file__).resolve().parents[1] / "train/simclr-demo.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["compile"] = "OFF_WORD"
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(yaml.safe_dump(data).replace("OFF_WORD", "off"))  # unquoted in the file
+    assert "compile: off" in recipe.read_text()
+    assert load_pretrain_config(str(recipe)).compile == "off"
+
+
 @needs_cifar
 def test_auto_compile_leaves_cpu_training_eager(monkeypatch, one_torch_thread):
     """compile="auto" (the CAS default) must not pay a torch.compile on a CPU."""

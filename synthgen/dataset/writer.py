@@ -8,7 +8,7 @@ folder "whole" is temp file -> fsync -> rename; on an object store it is one PUT
 A shard counts as done only when its file matches its marker: size and sha256, a row count and an
 ``index`` column that are exactly the marker's rows. The check reads each shard once per process
 (cached by the file's version: inode, size and modification time, or size and ETag), so a garbled,
-truncated or swapped shard is rebuilt instead of trusted. A cheaper check (:meth:`ShardWriter.marked`:
+truncated or swapped shard is rebuilt instead of trusted. A cheaper check (:meth:`ShardWriter.marked_many`:
 the marker is there and the file has its size) is what processes use for shards another process
 made. Each marker also records the model provenance and settings hash of its rows, so the manifest
 can be rebuilt from markers alone, with what the dataset card needs (images per label, the
@@ -232,26 +232,11 @@ class ShardWriter:
     def is_done(self, spec: ShardSpec) -> bool:
         return self.finished(spec) is not None
 
-    def marked(self, spec: ShardSpec, sizes: Optional[dict[str, int]] = None,
-               marker_names: Optional[Iterable[str]] = None) -> Optional[dict[str, Any]]:
-        """The shard's marker when it covers ``spec`` and the file has the marker's size: the cheap
-        check for shards another process made (it wrote the file whole, then hashed and marked it).
-        ``sizes`` (a listing of ``data/``) and ``marker_names`` (of the markers folder) save requests."""
-        if marker_names is not None and f"{spec.name}.json" not in marker_names:
-            return None
-        marker = self.read_marker(spec)
-        if not self.covers(marker, spec):
-            return None
-        if sizes is None:
-            version = self.store.version(spec.filename)
-            size = None if version is None else version[0]
-        else:
-            size = sizes.get(spec.filename.rsplit("/", 1)[-1])
-        return marker if size == marker.get("bytes") else None
-
     def marked_many(self, specs: Sequence[ShardSpec]) -> dict[int, dict[str, Any]]:
-        """:meth:`marked` for many shards in a few requests: one listing of the markers and of
-        ``data/``, then the listed markers read together. Shard index -> marker."""
+        """The markers of ``specs``' shards that cover their shard and whose file has the marker's
+        size: the cheap check for shards another process made (it wrote the file whole, then hashed
+        and marked it). A few requests: one listing of the markers and of ``data/``, then the listed
+        markers read together. Shard index -> marker."""
         names, sizes = self.marker_names(), self.data_sizes()
         listed = [spec for spec in specs if f"{spec.name}.json" in names]
         raw = self.store.read_many([self.marker_rel(spec) for spec in listed])

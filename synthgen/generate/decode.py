@@ -16,10 +16,16 @@ On a CPU in float32 the pixels are the same as diffusers' own ``output_type="np"
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional, Union
 
 #: ``vae_decode_chunk: auto`` decodes as many images at once as this share of free memory holds
 DECODE_MEMORY_SHARE = 0.5
+
+# VAE -> {(latent dtype, h, w): measured peak bytes of one image's decode}. Kept per model, not per
+# decoder: a tuning study makes a generator per trial, and each measurement resets the device's
+# peak-memory counter (see LatentDecoder.chunk_size), which should happen once, at the first batch.
+_DECODE_BYTES: "weakref.WeakKeyDictionary[Any, dict[tuple, int]]" = weakref.WeakKeyDictionary()
 
 
 class LatentDecoder:
@@ -29,7 +35,6 @@ class LatentDecoder:
         self.pipe = pipe
         self.device = device
         self.chunk = chunk
-        self.bytes_per_image: dict[tuple[int, int], int] = {}  # latent (h, w) -> measured decode peak
 
     def _vae(self, latents, *, eager: bool = False):
         vae = self.pipe.vae
@@ -48,16 +53,20 @@ class LatentDecoder:
             return max(1, min(int(self.chunk), n))
         if not self.device.startswith("cuda") or n == 1:
             return n
-        key = tuple(latents.shape[-2:])
-        if key not in self.bytes_per_image:
+        measured = _DECODE_BYTES.setdefault(self.pipe.vae, {})
+        key = (str(latents.dtype), *latents.shape[-2:])
+        if key not in measured:
+            # The only measure of one decode's peak is the device's peak counter, which this resets:
+            # a caller measuring its own peak across this point sees only what came after (the
+            # benchmarks size the decoder before they reset the counter themselves).
             dev = torch.device(self.device)
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             self._vae(latents[:1], eager=True)
-            self.bytes_per_image[key] = max(1, torch.cuda.max_memory_allocated(dev) - before)
+            measured[key] = max(1, torch.cuda.max_memory_allocated(dev) - before)
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-        return max(1, min(n, int(DECODE_MEMORY_SHARE * free // self.bytes_per_image[key])))
+        return max(1, min(n, int(DECODE_MEMORY_SHARE * free // measured[key])))
 
     def __call__(self, latents) -> tuple[Any, Optional[list[bool]]]:
         import torch

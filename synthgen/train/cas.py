@@ -32,7 +32,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from synthgen.errors import SynthgenError
 from synthgen.train.callbacks import Callback, EarlyStopping, ReduceLROnPlateau
 from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
+from synthgen.train.config import switch_words
 from synthgen.train.data import ImageTensorDataset, load_image_dataset, match_labels, relabel_by_name, split_train_val
 from synthgen.train.models import create_model, keras_init_
 from synthgen.train.runtime import Runtime, compile_mode
@@ -114,8 +115,8 @@ class CASProtocol(TrainConfig):
     image_size: Optional[int] = Field(None, ge=8)  # null: the real set's resolution
     limit_real_test: Optional[int] = Field(None, ge=1)  # the first N rows of the real test split
     limit_synthetic: Optional[int] = Field(None, ge=1)  # the first N rows of the synthetic split
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    compile: str = "auto"  # auto (CUDA graphs on CUDA, eager on CPU) | off | default | reduce-overhead | max-autotune
+    amp: Annotated[str, switch_words(on="auto")] = "auto"  # auto | bf16 | fp16 | off
+    compile: Annotated[str, switch_words(on="default")] = "auto"  # auto (CUDA graphs on CUDA, eager on CPU) | off | default | reduce-overhead | max-autotune
 
     @field_validator("compile")
     @classmethod

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthgen.errors import RecipeError, SynthgenError
 from synthgen.paths import TRAIN_RECIPES_DIR
@@ -54,6 +54,19 @@ __all__ = [
     "resolve_source",
     "config_hash",
 ]
+
+
+def switch_words(on: str) -> BeforeValidator:
+    """For a setting spelled in words (``compile: off``): YAML 1.1 reads an unquoted ``off``/``on``
+    (also ``no``/``yes``) as a boolean, so ``--set compile=off`` arrives as False. Take a boolean
+    back as ``off`` or as the word ``on`` stands for."""
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            return on if value else "off"
+        return value
+
+    return BeforeValidator(parse)
 
 
 class _Strict(BaseModel):
@@ -230,7 +243,7 @@ class PretrainConfig(_Strict):
     normalization: Normalization = "dataset"
     device: str = "auto"  # auto: cuda when available, else cpu
     amp: bool = True  # bf16/fp16 autocast on CUDA (ignored on CPU)
-    compile: Literal["off", "auto", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile: Annotated[Literal["off", "auto", "default", "reduce-overhead", "max-autotune"], switch_words(on="default")] = "off"
     channels_last: bool = True  # CUDA only
     log_every: int = Field(10, ge=1)  # steps between metrics records
     checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints (and at the end / max_steps)

@@ -28,6 +28,7 @@ of (seed, epoch, batch), and Ctrl-C waits for the step under way to finish befor
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -230,6 +231,39 @@ def augment_generator(seed: int, epoch: int, batch_index: int, rank: int = 0) ->
     alone: a run resumed mid-epoch skips the batches it had done and still draws what an
     uninterrupted run draws for the rest."""
     return torch.Generator().manual_seed(stable_uint64("pretrain-augment", seed, epoch, batch_index, rank) & (2**63 - 1))
+
+
+class _StepLosses:
+    """Each step's global-batch loss (and accuracy), kept on the device until :meth:`read` copies
+    them to the host lists in one go: reading a GPU value every step would make the host wait for
+    the GPU every step. A non-finite loss is found at that read, which comes before any checkpoint
+    is written, so a checkpoint never holds the weights that followed it."""
+
+    def __init__(self, losses: list[float], accs: list[float], epoch_losses: list[float]) -> None:
+        self.losses, self.accs, self.epoch_losses = losses, accs, epoch_losses
+        self.pending: list[torch.Tensor] = []
+        self.pending_acc: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, acc: torch.Tensor | None) -> None:
+        self.pending.append(loss)
+        if acc is not None:
+            self.pending_acc.append(acc)
+
+    def read(self, step: int) -> None:
+        """Move the pending values to the lists; ``step``: steps done, the last pending one included."""
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).tolist()
+        accs = torch.stack(self.pending_acc).tolist() if self.pending_acc else []
+        self.pending.clear()
+        self.pending_acc.clear()
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                at = step - len(values) + k  # the step's number as counted before it ran (0-based)
+                raise SynthgenError(f"loss became {value} at step {at}; lower optimizer.lr")
+        self.losses.extend(values)
+        self.epoch_losses.extend(values)
+        self.accs.extend(accs)
 
 
 class _WholeSteps:
@@ -438,6 +472,7 @@ def pretrain(
     window_acc: list[float] = list(unlogged.get("acc", []))
     epoch_losses: list[float] = list(unlogged.get("epoch", []))
     steps = _WholeSteps(model)
+    on_device = _StepLosses(window, window_acc, epoch_losses)
     try:
         with steps, progress_bar(progress and rt.is_main) as bar:
             task = bar.add_task(f"pretrain {config.name} ({obj.kind})", total=total_steps, completed=step, info="")
@@ -447,7 +482,7 @@ def pretrain(
                 gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # the epoch's batch order
                 skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
                 if skip == 0:
-                    epoch_losses = []
+                    epoch_losses.clear()
                 elif epochs_log and epochs_log[-1]["epoch"] == epoch:
                     epochs_log.pop()  # a max_steps cut logged this epoch part-done; it is logged whole below
                 for i, (x, groups) in enumerate(epoch_batches(epoch, gen)):
@@ -458,30 +493,29 @@ def pretrain(
                     steps.begin()
                     aug_gen = augment_generator(config.seed, epoch, i, rt.rank)
                     loss, extra = objective_loss(obj, net, x, groups, rt, aug, mean, std, aug_gen)
-                    if not torch.isfinite(loss):
-                        raise SynthgenError(f"loss became {loss.item()} at step {step}; lower optimizer.lr")
                     rt.step(loss, optimizer, model.parameters(), config.optimizer.grad_clip)
                     scheduler.step()
                     step += 1
-                    value = float(rt.all_reduce_mean(loss.detach()))  # the global batch's loss
-                    window.append(value)
-                    epoch_losses.append(value)
-                    if "acc" in extra:
-                        window_acc.append(float(rt.all_reduce_mean(extra["acc"])))
+                    on_device.add(rt.all_reduce_mean(loss.detach()), rt.all_reduce_mean(extra["acc"]) if "acc" in extra else None)
                     if step % config.log_every == 0 or step == total_steps or step == 1:
+                        on_device.read(step)
                         rec = {"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}
                         if window_acc:
                             rec["acc"] = sum(window_acc) / len(window_acc)
                         history.append(rec)
-                        window, window_acc = [], []
-                    bar.update(task, completed=step, info=f"epoch {epoch + 1}/{config.schedule.epochs} loss {value:.4f}")
+                        window.clear()
+                        window_acc.clear()
+                        bar.update(task, info=f"epoch {epoch + 1}/{config.schedule.epochs} loss {epoch_losses[-1]:.4f}")
+                    bar.update(task, completed=step)
                     steps.end()
+                on_device.read(step)  # before the epoch is logged or checkpointed
                 if epoch_losses:
                     epochs_log.append({"epoch": epoch, "mean_loss": sum(epoch_losses) / len(epoch_losses), "steps": len(epoch_losses)})
                 if (epoch + 1) % config.checkpoint_every == 0 and step < total_steps:
                     save(False)
     except KeyboardInterrupt:
         steps.drop_unfinished()
+        on_device.read(step)  # raises instead if a step since the last read had a non-finite loss
         save(False)
         raise
     save(True)
