@@ -224,6 +224,12 @@ def test_switch_words_that_yaml_reads_as_booleans_keep_their_meaning(tmp_path):
     recipe.write_text(yaml.safe_dump(data).replace("OFF_WORD", "off"))  # unquoted in the file
     assert "compile: off" in recipe.read_text()
     assert load_pretrain_config(str(recipe)).compile == "off"
+    from synthgen.classcond.config import EncoderStageConfig, validate_config
+
+    stage = yaml.safe_load("mixed_precision: no")
+    assert stage == {"mixed_precision": False}
+    assert validate_config(EncoderStageConfig, stage).mixed_precision == "no"
+    assert validate_config(EncoderStageConfig, {"mixed_precision": True}).mixed_precision == "auto"
 
 
 @needs_cifar

@@ -9,11 +9,12 @@ Images are resized to 128 px (KerasCV's minimum) by bilinear interpolation and s
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synthgen.errors import SynthgenError
+from synthgen.train.config import switch_words
 
 __all__ = ["StageConfig", "EncoderStageConfig", "UNetStageConfig", "validate_config"]
 
@@ -30,7 +31,8 @@ class StageConfig(BaseModel):
     clip_norm: Optional[float] = Field(10.0, gt=0)  # global gradient norm; None: no clipping
     resolution: int = Field(128, ge=8)
     seed: int = 1234
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, else no
+    # auto: bf16 on CUDA, else no; YAML reads an unquoted no as False, yes as True (auto)
+    mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"], switch_words(on="auto", off="no")] = "auto"
     cpu: bool = False  # train on the CPU even when a GPU is present (and: several CPU processes, gloo)
     encode_batch_size: int = Field(64, ge=1)  # VAE encoding of the images, done once
 

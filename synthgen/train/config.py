@@ -56,14 +56,14 @@ __all__ = [
 ]
 
 
-def switch_words(on: str) -> BeforeValidator:
+def switch_words(on: str, off: str = "off") -> BeforeValidator:
     """For a setting spelled in words (``compile: off``): YAML 1.1 reads an unquoted ``off``/``on``
     (also ``no``/``yes``) as a boolean, so ``--set compile=off`` arrives as False. Take a boolean
-    back as ``off`` or as the word ``on`` stands for."""
+    back as the setting's ``off`` word or the word ``on`` stands for."""
 
     def parse(value: Any) -> Any:
         if isinstance(value, bool):
-            return on if value else "off"
+            return on if value else off
         return value
 
     return BeforeValidator(parse)

@@ -84,7 +84,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     z = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)
     logits = (z @ z.t()) / temperature
     logits = logits.masked_fill(_self_mask(2 * n, z.device), float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    targets = torch.cat([torch.arange(n, 2 * n, device=z.device), torch.arange(0, n, device=z.device)])
     return F.cross_entropy(logits, targets)
 
 

@@ -464,7 +464,7 @@ def pretrain(
         for idx in order:
             local = rt.shard(idx)
             x, _ = tensors_data.take(local)
-            yield x, None if tensors_data.groups is None else tensors_data.groups[local.to(rt.device)]
+            yield x, None if tensors_data.groups is None else tensors_data.groups[rt.to_device(local)]
 
     model.train()
     unlogged = state.get("unlogged", {}) if state is not None else {}
