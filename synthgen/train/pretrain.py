@@ -244,10 +244,15 @@ class _StepLosses:
         self.pending: list[torch.Tensor] = []
         self.pending_acc: list[torch.Tensor] = []
 
-    def add(self, loss: torch.Tensor, acc: torch.Tensor | None) -> None:
+    def add(self, rt: Runtime, loss: torch.Tensor, acc: torch.Tensor | None) -> None:
+        """This step's values, averaged over the processes in one collective (loss and accuracy
+        together). Every step, not at :meth:`read`: a Ctrl-C reads on one process alone."""
+        if acc is None:
+            self.pending.append(rt.all_reduce_mean(loss))
+            return
+        loss, acc = rt.all_reduce_mean(torch.stack([loss.float(), acc.float()])).unbind()
         self.pending.append(loss)
-        if acc is not None:
-            self.pending_acc.append(acc)
+        self.pending_acc.append(acc)
 
     def read(self, step: int) -> None:
         """Move the pending values to the lists; ``step``: steps done, the last pending one included."""
@@ -496,7 +501,7 @@ def pretrain(
                     rt.step(loss, optimizer, model.parameters(), config.optimizer.grad_clip)
                     scheduler.step()
                     step += 1
-                    on_device.add(rt.all_reduce_mean(loss.detach()), rt.all_reduce_mean(extra["acc"]) if "acc" in extra else None)
+                    on_device.add(rt, loss.detach(), extra.get("acc"))
                     if step % config.log_every == 0 or step == total_steps or step == 1:
                         on_device.read(step)
                         rec = {"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}
