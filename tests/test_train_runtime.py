@@ -133,15 +133,17 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     2 gloo processes, global batch 16 (8 per process): the per-step loss curves agree to 1e-4
     (float summation order only)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    curves = {}
+    curves, accs = {}, {}
     for name, nproc in (("one", None), ("two", 2)):
         res = subprocess.run(_pretrain_cmd(tmp_path / name, nproc), env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         curves[name] = [h["loss"] for h in metrics["history"]]
+        accs[name] = [h["acc"] for h in metrics["history"]]
         assert metrics["runtime"]["world_size"] == (1 if nproc is None else 2)
     assert len(curves["one"]) == len(curves["two"]) == 8
     assert curves["two"] == pytest.approx(curves["one"], abs=1e-4)
+    assert accs["two"] == pytest.approx(accs["one"], abs=1e-6)  # averaged in the same collective as the loss
     assert curves["one"][-1] < curves["one"][0]
     # rank 0 alone wrote: one checkpoint, no stray temp files
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
