@@ -366,18 +366,12 @@ def class_top1(ev: dict, names: Sequence[str]) -> dict[str, Optional[float]]:
     return {n: round(100.0 * h / r, 4) if r else None for n, h, r in zip(names, ev["class_hits"], ev["class_rows"])}
 
 
-def class_gaps(result: dict, top: Optional[int] = 10, scale: Optional[int] = None) -> list[dict]:
+def class_gaps(result: dict, top: Optional[int] = 10) -> list[dict]:
     """The classes a :func:`cas_score` result's synthetic run serves worst against the real baseline:
     ``{"class", "real", "synthetic", "gap"}`` (top-1 %, gap = real - synthetic), largest gap first,
-    at most ``top`` (None: all). The run is that of ``scale``, else the largest scale (or the only run).
-    Classes without test rows are left out; a result from before per-class scores gives []."""
-    runs = result["runs"]
-    if scale is not None:
-        run = next((r for r in runs if r["scale"] == scale), None)
-        if run is None:
-            raise SynthgenError(f"the result has no run at scale x{scale}")
-    else:
-        run = max(runs, key=lambda r: r["scale"] or 0)
+    at most ``top`` (None: all). The run is the largest scale's (or the only one). Classes without
+    test rows are left out; a result from before per-class scores gives []."""
+    run = max(result["runs"], key=lambda r: r["scale"] or 0)
     real, syn = result["real_baseline"].get("class_top1"), run.get("class_top1")
     if not real or not syn:
         return []
