@@ -60,6 +60,9 @@ def test_build_writes_a_card_the_hub_and_datasets_read(built):
     # the build's own card: how to load the local folder, no Hub version yet
     assert 'load_dataset("path/to/this/folder", split="train")' in card.text
     assert "revision=" not in card.text
+    # no image was regenerated: no class to name
+    assert manifest_of(built)["retried_images"] == 0 and manifest_of(built)["retried_label_counts"] == {}
+    assert not regenerated_line(card.text) and "0 regeneration(s) of 0 image(s)." in card.text
 
 
 def test_card_for_a_published_version(built):
@@ -147,3 +150,112 @@ def test_bibtex_entries_are_well_formed(key):
     assert entry.count("{") == entry.count("}") and entry.endswith("}")
     assert re.search(r"^\s+title\s+= \{.+\},$", entry, flags=re.M)
     assert re.search(r"^\s+year\s+= \{20\d\d\}", entry, flags=re.M)
+
+
+# --------------------------------------------------------------------------------------------------
+# regenerated images per class
+# --------------------------------------------------------------------------------------------------
+CAT = 3  # cifar10's "cat": the class the tiny pipeline below keeps making broken images of
+
+
+def nan_for_class(loaded, prompts: list[str]):
+    """A forward hook on the real UNet: the noise prediction of an image of one of ``prompts`` (its
+    text embedding in the batch) turns to NaN when that image's latents have a positive mean, so
+    about half the seeds of that class give a non-finite image (rejected and regenerated with a
+    derived seed) and every other class none. Which seeds fail is fixed by the seeds: deterministic."""
+    import torch
+
+    with torch.no_grad():
+        targets = loaded.pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+
+    def hook(module, args, kwargs, output):
+        sample = args[0] if args else kwargs["sample"]
+        noise = output[0] if isinstance(output, tuple) else output.sample
+        for row, embedding in enumerate(kwargs["encoder_hidden_states"]):
+            if sample[row].mean() > 0 and any(torch.allclose(embedding, t, atol=1e-5) for t in targets):
+                noise[row] = float("nan")
+        return output
+
+    return loaded.pipe.unet.register_forward_hook(hook, with_kwargs=True)
+
+
+def regenerated_line(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("- Classes with the most regenerated", "- Regenerated images per class"))]
+
+
+def test_regenerated_images_per_class_in_markers_manifest_and_card(tmp_path, tiny_pipeline_path, one_torch_thread):
+    """A real build (tiny pipeline) whose images of one class come out non-finite for some seeds:
+    each marker counts the shard's regenerated rows per label, the manifest sums them and the card
+    names the class; old markers without the counts still resume, their images counted apart."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from synthgen.dataset import build_dataset, verify_dataset
+    from synthgen.generate import load_pipeline
+    from synthgen.prompts import build_sampler
+    from test_resume import tiny
+
+    recipe = tiny(**{"count": 30, "output.images_per_shard": 10, "prompts.templates": ["{c}"], "generator.max_retries": 8})
+    sampler = build_sampler(recipe)
+    prompts = sorted({sampler[i].prompt for i in range(len(sampler)) if sampler[i].label == CAT})
+    loaded = load_pipeline(recipe.generator)
+    folder = tmp_path / "ds"
+    hook = nan_for_class(loaded, prompts)
+    try:
+        assert build_dataset(recipe, folder, progress=False, loaded_pipeline=loaded).dataset_complete
+    finally:
+        hook.remove()
+
+    markers = {m.stem: json.loads(m.read_text()) for m in sorted((folder / ".synthgen/done").glob("*.json"))}
+    expected = Counter()
+    for name, marker in markers.items():
+        rows = pq.read_table(folder / marker["file"], columns=["label", "retries"]).to_pylist()
+        retried = Counter(r["label"] for r in rows if r["retries"])
+        assert marker["retried_label_counts"] == {str(k): v for k, v in sorted(retried.items())}, name
+        assert marker["retried_images"] == sum(retried.values())
+        expected += retried
+    cats = Counter(sampler[i].label for i in range(len(sampler)))[CAT]
+    assert set(expected) == {CAT} and expected[CAT] == cats == 3  # every cat image needed regenerations here
+    manifest = manifest_of(folder)
+    assert manifest["retried_label_counts"] == {"3": 3} and "retried_images_unattributed" not in manifest
+    assert manifest["retried_images"] == 3 and manifest["retries"] > 3
+    text = (folder / "README.md").read_text()
+    assert regenerated_line(text) == ["- Classes with the most regenerated images: `cat` 3 of 3."]
+    assert f"given a derived seed): {manifest['retries']} regeneration(s) of 3 image(s)." in text
+    assert verify_dataset(folder, decode=False).ok
+
+    # markers of an older synthgen (no per-label counts) on one shard: the folder resumes with nothing
+    # to make, its shards untouched; the manifest and card count that shard's images apart
+    shards = {p.name: p.read_bytes() for p in (folder / "data").glob("*.parquet")}
+    old = folder / ".synthgen/done" / f"{next(iter(markers))}.json"
+    lost = markers[old.stem].pop("retried_label_counts")
+    old.write_text(json.dumps(markers[old.stem]))
+    for name in ("synthgen_manifest.json", "README.md"):
+        (folder / name).unlink()
+    result = build_dataset(recipe, folder, progress=False, loaded_pipeline=loaded)
+    assert result.shards_written == 0 and result.dataset_complete
+    assert {p.name: p.read_bytes() for p in (folder / "data").glob("*.parquet")} == shards
+    manifest = manifest_of(folder)
+    assert manifest["retried_images_unattributed"] == lost["3"] == 1
+    assert manifest["retried_label_counts"] == {"3": 2}
+    assert regenerated_line((folder / "README.md").read_text()) == [
+        "- Classes with the most regenerated images: `cat` 2 of 3; 1 more in shards an older synthgen made, not broken down by class."]
+    assert verify_dataset(folder, decode=False).ok
+    tampered = manifest_of(folder)
+    entry = next(s for s in tampered["shards"] if s.get("retried_label_counts"))
+    entry["retried_label_counts"] = {"5": 1}
+    (folder / "synthgen_manifest.json").write_text(json.dumps(tampered))
+    assert verify_dataset(folder, decode=False).problems == [
+        f"{entry['file']}: its regenerated rows are not the per-class counts the manifest records"]
+
+    # the card names the classes with the most, largest first, at most five
+    first, *rest = manifest["shards"]
+    crafted = {"0": 1, "1": 4, "2": 2, "4": 4, "5": 1, "6": 3, "7": 9}
+    many = {**manifest, "shards": [{**first, "retried_label_counts": crafted}, *({**s, "retried_label_counts": {}} for s in rest)]}
+    text = str(render_card(many, dataset_features(manifest["class_names"])))
+    assert regenerated_line(text) == ["- Classes with the most regenerated images: `horse` 9 of 3, `automobile` 4 of 3, "
+                                      "`deer` 4 of 3, `frog` 3 of 3, `bird` 2 of 3 (2 more class(es) had some)."]
+    unknown = {**manifest, "shards": [{k: v for k, v in s.items() if k != "retried_label_counts"} for s in manifest["shards"]]}
+    assert regenerated_line(str(render_card(unknown, dataset_features(manifest["class_names"])))) == [
+        "- Regenerated images per class: not recorded (shards made by an older synthgen)."]

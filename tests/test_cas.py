@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -104,13 +105,72 @@ def test_cas_cli_end_to_end_with_scales(tmp_path, cifar_rows, capsys):
     assert res["real"]["train"]["fingerprint"] and res["synthetic"]["fingerprint"]
     assert res["real"]["validation"]["subset"] == "[300:400]" and res["real"]["fit"]["subset"] == "[0:300]"
     assert res["real_baseline"]["cached"] is False
+    for r in [res["real_baseline"], *res["runs"]]:
+        assert_per_class_sums_to_top1(r, res)
+    assert GAPS_TITLE in stdout and "(×2;" in stdout  # the largest scale's classes, all 10 (default: up to 10)
+    assert all(re.search(rf"^\W*{n}\W", stdout, flags=re.M) for n in NAMES)
     # the real baseline is cached: a second run (another seed of the synthetic runs is not asked) reuses it
-    rc, stdout, err = run_cli(["cas", str(syn), "--real", str(CIFAR), "--output", str(out), *FAST], capsys)
+    rc, stdout, err = run_cli(["cas", str(syn), "--real", str(CIFAR), "--output", str(out), "--worst-classes", "0", *FAST], capsys)
     assert rc == 0, err
     res2 = json.loads(out.read_text())
     assert res2["real_baseline"]["cached"] is True
     assert res2["real_baseline"]["top1"] == res["real_baseline"]["top1"]
+    assert res2["real_baseline"]["class_top1"] == res["real_baseline"]["class_top1"]  # the cache holds them
+    assert GAPS_TITLE not in stdout and "Real" in stdout
     assert res2["runs"][0]["scale"] is None and res2["runs"][0]["n_images"] == 600
+
+
+GAPS_TITLE = "Classes furthest below the real baseline"
+
+
+def assert_per_class_sums_to_top1(run: dict, result: dict) -> None:
+    """Per-class top-1 weighted by the test rows of each class is the overall top-1 (to rounding)."""
+    counts = result["real"]["test"]["class_counts"]
+    assert list(counts) == NAMES and sum(counts.values()) == run["n_test"]
+    assert set(run["class_top1"]) == set(NAMES) and all(0 <= v <= 100 for v in run["class_top1"].values())
+    weighted = sum(run["class_top1"][n] * counts[n] for n in NAMES) / run["n_test"]
+    assert weighted == pytest.approx(run["top1"], abs=1e-3)
+
+
+def test_a_class_relabelled_as_another_tops_the_gap_list(tmp_path, cifar_rows, capsys):
+    """A synthetic set in which every image of the class the real baseline scores best on is
+    labelled as another class: the classifier never learns that class, so its synthetic top-1 is
+    ~0 and it heads the real - synthetic gap list, in the JSON and in what the CLI prints."""
+    from synthgen.train.cas import cas_score, class_gaps
+
+    sets = ["model=resnet20", "epochs=3", "batch_size=32", "real_fit=400", "real_val=100", "limit_real_test=300"]
+    # the baseline (cached for the CLI run below; limit_synthetic is not part of its key), with a
+    # synthetic run on 64 images only: which class does the real baseline score best on?
+    plain = write_folder(tmp_path / "plain", cifar_rows, NAMES, n=64)
+    first = cas_score(str(plain), str(CIFAR), small_protocol(*sets), seed=2, device="cpu")
+    real = first["real_baseline"]["class_top1"]
+    assert_per_class_sums_to_top1(first["real_baseline"], first)
+    assert_per_class_sums_to_top1(first["runs"][0], first)
+    best = max(NAMES, key=lambda n: real[n])
+    into = NAMES[(NAMES.index(best) + 1) % 10]
+    rows = cifar_rows.select(range(400))
+    relabelled = rows.map(lambda r: {"label": NAMES.index(into) if NAMES[r["label"]] == best else r["label"]})
+    assert relabelled["label"].count(NAMES.index(best)) == 0 and rows["label"].count(NAMES.index(best)) > 20
+    syn = write_folder(tmp_path / "relabelled", relabelled, NAMES)
+
+    out = tmp_path / "res.json"
+    args = [a for kv in sets for a in ("--set", kv)]
+    rc, stdout, err = run_cli(["cas", str(syn), "--real", str(CIFAR), "--seed", "2", "--worst-classes", "3", "--threads", "1",
+                               "-q", "-o", str(out), *args], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    assert res["real_baseline"]["cached"] is True and res["real_baseline"]["class_top1"] == real
+    run = res["runs"][0]
+    assert_per_class_sums_to_top1(run, res)
+    gaps = class_gaps(res, top=None)
+    assert len(gaps) == 10 and [g["gap"] for g in gaps] == sorted((g["gap"] for g in gaps), reverse=True)
+    assert gaps[0]["class"] == best and gaps[0]["synthetic"] == run["class_top1"][best] <= 5.0
+    assert gaps[0]["real"] == real[best] > 20 and gaps[0]["gap"] == pytest.approx(real[best] - run["class_top1"][best])
+    # the CLI's table: the title, then the three worst classes with real, synthetic and gap
+    table = stdout[stdout.index(GAPS_TITLE):]
+    listed = re.findall(r"^\W*(\w+)\W+([\d.]+)\W+([\d.]+)\W+([+-][\d.]+)", table, flags=re.M)
+    assert [name for name, *_ in listed] == [g["class"] for g in gaps[:3]]
+    assert listed[0] == (best, f"{real[best]:.2f}", f"{run['class_top1'][best]:.2f}", f"{gaps[0]['gap']:+.2f}")
 
 
 def test_real_train_scored_as_synthetic_equals_baseline():
@@ -121,6 +181,7 @@ def test_real_train_scored_as_synthetic_equals_baseline():
     base, run = res["real_baseline"], res["runs"][0]
     assert run["n_images"] == 300
     assert run["top1"] == base["top1"] and run["top5"] == base["top5"] and run["test_loss"] == base["test_loss"]
+    assert run["class_top1"] == base["class_top1"]
     assert [h["train_loss"] for h in run["history"]] == [h["train_loss"] for h in base["history"]]
 
 

@@ -59,6 +59,9 @@ def test_run_all_stages_then_resume_and_regenerate(tmp_path, tiny_pipeline_path,
             assert (run_dir / study / name).is_file(), (study, name)
     curve = json.loads((run_dir / "cas" / "cas-vs-scale.json").read_text())
     assert curve["scales"] == [1, 2] and curve["images"] == [100, 200] and len(curve["top1"]) == 2
+    gaps = curve["class_gaps"]  # x2's classes, largest real - synthetic gap first
+    assert len(gaps) == 10 and [g["gap"] for g in gaps] == sorted((g["gap"] for g in gaps), reverse=True)
+    assert f"final: classes furthest below the real baseline at x2: {gaps[0]['class']} " in out
     assert (run_dir / "cas" / "cas-vs-scale.png").is_file() and (run_dir / "cas" / "cas.json").is_file()
     # the tuned pipeline, loadable by its class, recording its epochs
     index = json.loads((run_dir / "pipeline" / "model_index.json").read_text())

@@ -378,5 +378,33 @@ def test_cas_runs_under_torchrun_and_rank_0_alone_writes(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["runtime"]["world_size"] == 2 and res.stdout.count("results: ") == 1
+    # the per-class scores are summed over both processes too: every test row of each class counted once
+    from synthgen.train.data import load_image_dataset
+
+    labels = load_image_dataset(str(CIFAR10), "test", limit=63).labels
+    counts = doc["real"]["test"]["class_counts"]
+    assert list(counts.values()) == torch.bincount(labels, minlength=10).tolist()
     for run in (doc["real_baseline"], doc["runs"][0]):
         assert run["n_test"] == 63 and run["epochs_run"] == 1 and 0 <= run["top1"] <= 100
+        weighted = sum(run["class_top1"][n] * counts[n] for n in counts) / 63
+        assert weighted == pytest.approx(run["top1"], abs=1e-3)
+
+
+@needs_cifar
+def test_per_class_scores_under_torchrun_match_one_process(tmp_path, one_torch_thread):
+    """One seeded model scored on 63 test rows (batches of 16 split 8/8 ... 8/7) and on 1 row (the
+    second process scores none) by two gloo processes: both report exactly one process's numbers."""
+    from ddp_eval import score
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests/ddp_eval.py"), str(CIFAR10), "63", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("[")), key=lambda d: d[0]["rank"])
+    one = score(str(CIFAR10), [63, 1])
+    assert sum(one[0]["class_rows"]) == 63 and sum(one[0]["class_hits"]) > 0 and sum(one[1]["class_rows"]) == 1
+    assert one[0]["top1"] == sum(one[0]["class_hits"]) / 63
+    assert [[d["rank"] for d in lines] for lines in two] == [[0, 0], [1, 1]]
+    for lines in two:
+        assert [{**d, "rank": 0} for d in lines] == one

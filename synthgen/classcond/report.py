@@ -8,7 +8,8 @@ and the final CAS-vs-scale curve.
   needs scikit-learn, the ``fanova`` extra). With too few trials Optuna can only return equal
   importances, and without scikit-learn fanova none: the JSON then holds ``importances: null`` and
   the reason, and the PNG says so instead of showing bars;
-* ``cas-vs-scale.json`` / ``cas-vs-scale.png`` -- CAS top-1 at each scale, with the real baseline.
+* ``cas-vs-scale.json`` / ``cas-vs-scale.png`` -- CAS top-1 at each scale, with the real baseline
+  (the JSON also lists the largest scale's classes furthest below the baseline, ``class_gaps``).
 
 Figures are drawn with matplotlib's object API (no pyplot state, no display needed).
 """
@@ -153,6 +154,8 @@ def write_scale_report(cas: dict, folder: Path) -> dict:
     """``cas-vs-scale.{json,png}`` from a :func:`synthgen.train.cas.cas_score` result."""
     from matplotlib.figure import Figure
 
+    from synthgen.train.cas import class_gaps
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     curve = {
@@ -162,6 +165,7 @@ def write_scale_report(cas: dict, folder: Path) -> dict:
         "top1": [r["top1"] for r in cas["runs"]],
         "images": [r["n_images"] for r in cas["runs"]],
         "protocol": cas["protocol"].get("values", {}).get("name"),
+        "class_gaps": class_gaps(cas, top=10),  # the largest scale's classes furthest below the real baseline
     }
     _write_json(folder / "cas-vs-scale.json", curve)
     fig = Figure(figsize=(6, 4))

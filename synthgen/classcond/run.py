@@ -86,6 +86,7 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
     ``say(line)`` is told what each stage did."""
     from synthgen.classcond.final import final_stage
     from synthgen.classcond.tune import tune_stage
+    from synthgen.train.cas import class_gaps
 
     run_dir = Path(run_dir)
     if real is None:
@@ -116,6 +117,10 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
     cas = final_stage(run_dir, recipe, real=real, device=device, progress=progress, console=console)
     scales = ", ".join(f"x{r['scale']} {r['top1']:.2f}%" for r in cas["runs"])
     say(f"final: CAS top-1 {scales} (real baseline {cas['real_baseline']['top1']:.2f}%); {run_dir / 'cas'}")
+    gaps = class_gaps(cas, top=5)
+    if gaps:
+        worst = ", ".join(f"{g['class']} {g['synthetic']:.1f}% (real {g['real']:.1f}%)" for g in gaps)
+        say(f"final: classes furthest below the real baseline at x{max(r['scale'] for r in cas['runs'])}: {worst}")
     _mark(run_dir, "final", {"real_top1": cas["real_baseline"]["top1"],
                              "runs": [{"scale": r["scale"], "top1": r["top1"]} for r in cas["runs"]]})
     return cas

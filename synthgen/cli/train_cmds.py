@@ -60,6 +60,7 @@ def cas(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result JSON [default: <synthetic folder>/cas/cas-<real>-seed<seed>.json when that folder is writable, else ./cas-<real>-seed<seed>.json]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the real baseline even when it is cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch lines."),
+    worst_classes: int = typer.Option(10, "--worst-classes", min=0, help="List this many classes with the largest real - synthetic top-1 gap (the largest scale's run); 0: none."),
 ) -> None:
     """Classification Accuracy Score: train a classifier on the synthetic set, test it on the real
     test split, next to the same classifier trained on real images (cached).
@@ -69,7 +70,7 @@ def cas(
     the accuracy of 10,000 real held-out training images; x1 = 40,000 images. Labels are matched by name.
     """
     from synthgen.provenance import write_json
-    from synthgen.train.cas import cas_score, load_cas_protocol, results_table
+    from synthgen.train.cas import cas_score, class_gaps_table, load_cas_protocol, results_table
 
     proto, info = load_cas_protocol(protocol, list(set_ or []))
     scale_list = parse_scales(scales)
@@ -97,6 +98,9 @@ def cas(
                 f"class(es) the synthetic set has: {', '.join(lacks[:10])}", highlight=False, soft_wrap=True,
             )
     console.print(results_table(result))
+    gaps = class_gaps_table(result, worst_classes) if worst_classes else None
+    if gaps is not None:
+        console.print(gaps)
     base = result["real_baseline"]
     console.print(
         f"real baseline: top-1 {base['top1']:.2f} top-5 {base['top5']:.2f} ({base['epochs_run']} epochs"

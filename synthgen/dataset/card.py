@@ -3,8 +3,9 @@
 Its YAML header gives the Hub what it indexes and what the viewer and ``load_dataset`` read:
 license (the generator model's), task and size categories, tags, ``configs`` (which files make
 which split) and ``dataset_info`` (features, with the class names of the ``label`` column). The body
-is for people: a sample grid, per-class counts, how the images were made, provenance, how to load a
-given published version, and the BibTeX of the papers the recipe follows.
+is for people: a sample grid, per-class counts, how the images were made (with the classes that
+needed the most regenerations), provenance, how to load a given published version, and the BibTeX
+of the papers the recipe follows.
 
 The build writes the card into the folder; ``synthgen push`` renders it again for the repository
 and tag it publishes to, so the card says how to load exactly that version.
@@ -20,7 +21,7 @@ from datasets import ClassLabel, Features, Image, Value
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from synthgen.dataset.storage import Store, open_store
-from synthgen.dataset.writer import parquet_uncompressed_bytes
+from synthgen.dataset.writer import parquet_uncompressed_bytes, retried_label_counts
 
 # --------------------------------------------------------------------------------------------------
 # license: the generator model's
@@ -277,6 +278,34 @@ def _class_section(manifest: dict[str, Any], counts: Optional[Counter]) -> list[
     return lines
 
 
+#: how many classes the card names as needing the most regenerations
+REGENERATED_CLASSES_SHOWN = 5
+
+
+def _regenerated_classes(manifest: dict[str, Any], counts: Optional[Counter]) -> list[str]:
+    """A line naming the classes with the most regenerated images (a class the generator keeps
+    making black or flagged images of), when any image was regenerated."""
+    names = manifest.get("class_names")
+    if names is None:
+        return []
+    per_label, unknown = retried_label_counts(manifest["shards"])
+    known = sorted(((n, int(label)) for label, n in per_label.items() if label != "None" and n), key=lambda t: (-t[0], t[1]))
+    if not known and not unknown:
+        return []
+    if not known:
+        return ["- Regenerated images per class: not recorded (shards made by an older synthgen)."]
+    parts = []
+    for n, label in known[:REGENERATED_CLASSES_SHOWN]:
+        total = counts.get(label) if counts is not None else None
+        parts.append(f"`{names[label]}` {n:,}" + (f" of {total:,}" if total else ""))
+    line = f"- Classes with the most regenerated images: {', '.join(parts)}"
+    if len(known) > REGENERATED_CLASSES_SHOWN:
+        line += f" ({len(known) - REGENERATED_CLASSES_SHOWN} more class(es) had some)"
+    if unknown:
+        line += f"; {unknown:,} more in shards an older synthgen made, not broken down by class"
+    return [line + "."]
+
+
 def render_card(
     manifest: dict[str, Any],
     features: Features,
@@ -330,7 +359,9 @@ def render_card(
         + (f" at {out['image_size']}x{out['image_size']} ({out['resize_filter']} resize)." if out["image_size"] else " at the generated size."),
         "- Prompts longer than the text encoder's context (77 CLIP tokens) are truncated by the"
         " pipeline; the `prompt` column stores the full text.",
-        f"- Regenerated images (black, non-finite or flagged outputs, given a derived seed): {manifest.get('retries', 0)}.",
+        f"- Regenerated images (black, non-finite or flagged outputs, given a derived seed): {manifest.get('retries', 0)}"
+        f" regeneration(s) of {manifest.get('retried_images', 0)} image(s).",
+        *_regenerated_classes(manifest, counts),
     ]
     if "safety_checker" in model:  # manifests of older synthgen do not say
         checked = "the pipeline's own, on every image" if model["safety_checker"] else "none ran (images are unfiltered)"

@@ -25,7 +25,7 @@ from synthgen.dataset.card import write_card
 from synthgen.dataset.plan import ShardPlan, ShardSpec
 from synthgen.dataset.schema import dataset_features
 from synthgen.dataset.storage import FOLDER_LOCK, STATE_DIR, Store, disk_errors, open_store
-from synthgen.dataset.writer import ShardWriter
+from synthgen.dataset.writer import ShardWriter, retried_label_counts
 from synthgen.errors import OutputFolderError, RecipeError, SynthgenError
 from synthgen.prompts.base import PromptSampler
 from synthgen.recipe import Recipe
@@ -421,6 +421,15 @@ def finalize(build: BuildPlan, writer: ShardWriter) -> Optional[dict]:
         return _write_manifest(build, writer, markers)
 
 
+def _retried_by_label(build: BuildPlan, markers: list[dict]) -> dict[str, Any]:
+    """Regenerated images per label id (labelled datasets), and those that markers of an older
+    synthgen do not break down by label (only when there are any)."""
+    if build.sampler.class_names is None:
+        return {}
+    counts, unknown = retried_label_counts(markers)
+    return {"retried_label_counts": counts, **({"retried_images_unattributed": unknown} if unknown else {})}
+
+
 def _write_manifest(build: BuildPlan, writer: ShardWriter, markers: list[dict]) -> dict:
     hashes = sorted({m.get("settings_hash", "") for m in markers})
     if len(hashes) != 1:
@@ -445,6 +454,7 @@ def _write_manifest(build: BuildPlan, writer: ShardWriter, markers: list[dict]) 
         "bytes": sum(m["bytes"] for m in markers),
         "retries": sum(m.get("retries", 0) for m in markers),
         "retried_images": sum(m.get("retried_images", 0) for m in markers),
+        **_retried_by_label(build, markers),
         "model": model,
         "versions": model.get("versions") or {},
         "shards": markers,

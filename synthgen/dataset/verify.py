@@ -3,10 +3,10 @@
 Checks, against the manifest: every listed shard is there with its size and sha256; each shard is
 readable parquet holding exactly its rows (the ``index`` column is ``start .. stop-1``, so no row is
 missing or duplicated), made with the manifest's settings hash; the shards cover ``0 .. rows-1``
-without gaps; labels are class ids, as many per class as the manifest records; every image decodes;
-no other file in ``data/`` would load as extra rows; the card's row count and per-class counts
-match. It reads every byte, so it is the slow, thorough check; a resume does the cheap part (size,
-sha256, indices) of finished shards on its own.
+without gaps; labels are class ids, as many per class (and regenerated rows per class) as the
+manifest records; every image decodes; no other file in ``data/`` would load as extra rows; the
+card's row count and per-class counts match. It reads every byte, so it is the slow, thorough
+check; a resume does the cheap part (size, sha256, indices) of finished shards on its own.
 
 The folder is a local path or any fsspec URL (``s3://bucket/ds``), read through its
 :class:`~synthgen.dataset.storage.Store`: the same checks either way.
@@ -113,6 +113,10 @@ def verify_dataset(
             recorded = entry.get("label_counts")  # absent in folders built before markers held it
             if recorded is not None and recorded != label_counts(labels):
                 report.problems.append(f"{name}: its labels are not the per-class counts the manifest records")
+            recorded = entry.get("retried_label_counts")  # absent in folders built before markers held it
+            retried = label_counts(label for label, r in zip(labels, table.column("retries").to_pylist()) if r)
+            if recorded is not None and recorded != retried:
+                report.problems.append(f"{name}: its regenerated rows are not the per-class counts the manifest records")
             if labels_seen is not None:
                 labels_seen.update(labels)
         if decode:

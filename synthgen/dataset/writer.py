@@ -11,8 +11,9 @@ A shard counts as done only when its file matches its marker: size and sha256, a
 truncated or swapped shard is rebuilt instead of trusted. A cheaper check (:meth:`ShardWriter.marked_many`:
 the marker is there and the file has its size) is what processes use for shards another process
 made. Each marker also records the model provenance and settings hash of its rows, so the manifest
-can be rebuilt from markers alone, with what the dataset card needs (images per label, the
-uncompressed size), counted while the shard is in memory, so the card never reads shards back.
+can be rebuilt from markers alone, with what the dataset card needs (images per label,
+regenerated images per label, the uncompressed size), counted while the shard is in memory, so the
+card never reads shards back.
 
 Writing a shard is two steps a pipelined writer overlaps with generation (``shard_task.py``):
 :meth:`ShardWriter.encode` (images -> resized to the stored size -> encoded -> an arrow table, CPU
@@ -163,6 +164,22 @@ def label_counts(labels: Iterable[Optional[int]]) -> dict[str, int]:
     labels with no image are left out, so a shard of one class stays small)."""
     counts = Counter(labels)
     return {str(label): counts[label] for label in sorted(counts, key=lambda x: (x is None, x))}
+
+
+def retried_label_counts(shards: Iterable[dict[str, Any]]) -> tuple[dict[str, int], int]:
+    """Regenerated images per label id over shard markers (or a manifest's ``shards``), summed like
+    :func:`label_counts`, and how many regenerated images no marker breaks down by label: markers
+    of an older synthgen lack ``retried_label_counts`` (those with no regenerated image add nothing)."""
+    counts: Counter = Counter()
+    unknown = 0
+    for shard in shards:
+        per_label = shard.get("retried_label_counts")
+        if isinstance(per_label, dict):
+            counts.update(per_label)
+        else:
+            unknown += int(shard.get("retried_images", 0) or 0)
+    ordered = sorted(counts, key=lambda k: (k == "None", int(k) if k != "None" else 0))
+    return {k: counts[k] for k in ordered}, unknown
 
 
 def parquet_uncompressed_bytes(metadata: pq.FileMetaData) -> int:
@@ -339,7 +356,10 @@ class ShardWriter:
         # what the card needs, kept in the marker so that no one reads the shards again for it
         summary: dict[str, Any] = {"uncompressed_bytes": parquet_uncompressed_bytes(pq.read_metadata(pa.BufferReader(data)))}
         if self.has_labels:
-            summary["label_counts"] = label_counts(table.column("label").to_pylist())
+            labels = table.column("label").to_pylist()
+            summary["label_counts"] = label_counts(labels)
+            # the classes that needed regenerations (black, non-finite, flagged): the card lists the most
+            summary["retried_label_counts"] = label_counts(label for label, r in zip(labels, retries) if r)
         info = {
             "shard": spec.name,
             "file": spec.filename,

@@ -19,7 +19,9 @@ Two levels of API:
   :func:`load_real_splits` gives the real fit / validation (/ test) splits of a protocol and
   :func:`relabel_to_real` maps a synthetic set's labels onto the real class ids by name.
 * :func:`cas_score` - the whole table: the real baseline (cached on disk per protocol, seed, device
-  and data) and one synthetic run per scale, each scored on the real test split.
+  and data) and one synthetic run per scale, each scored on the real test split, overall and per
+  class (``class_top1``; the test rows per class are in ``real.test.class_counts``).
+  :func:`class_gaps` lists the classes a synthetic run serves worst against the real baseline.
 
 Labels are matched BY NAME (exactly, then case/underscore/hyphen-insensitively); names absent from
 the real set are an error before any training.
@@ -61,11 +63,14 @@ __all__ = [
     "cas_score",
     "match_labels",
     "results_table",
+    "class_top1",
+    "class_gaps",
+    "class_gaps_table",
     "BASELINE_CACHE_VERSION",
 ]
 
 DEFAULT_PROTOCOL = "cas-lomurno"
-BASELINE_CACHE_VERSION = 3
+BASELINE_CACHE_VERSION = 4  # 4: per-class top-1 (class_top1)
 
 
 class _Strict(BaseModel):
@@ -268,7 +273,8 @@ def load_real_splits(real, protocol: CASProtocol, *, revision: str | None = None
 @dataclass
 class CASRun:
     """One trained CAS classifier: ``history`` (a row per epoch), ``metrics`` (best validation
-    accuracy and its epoch, epochs run, sizes; test top-1/top-5 in percent when scored)."""
+    accuracy and its epoch, epochs run, sizes; test top-1/top-5 in percent when scored, and
+    ``class_top1``: top-1 in percent per class name)."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
@@ -328,7 +334,8 @@ def train_cas_classifier(
         metrics["best_val_acc"] = res.history[best - 1]["val_acc"]
     if test is not None:
         ev = evaluate_classifier(res.model, test, mean=res.mean, std=res.std, runtime=rt, batch_size=protocol.eval_batch_size)
-        metrics.update({"top1": round(100.0 * ev["top1"], 4), "top5": round(100.0 * ev["top5"], 4), "test_loss": ev["loss"], "n_test": ev["n"]})
+        metrics.update({"top1": round(100.0 * ev["top1"], 4), "top5": round(100.0 * ev["top5"], 4), "test_loss": ev["loss"], "n_test": ev["n"],
+                        "class_top1": class_top1(ev, fit.class_names)})
     metrics["wall_s"] = round(time.perf_counter() - t0, 3)
     return CASRun(model=res.model, history=res.history, metrics=metrics, mean=res.mean, std=res.std)
 
@@ -351,6 +358,27 @@ def _baseline_key(real: RealSplits, protocol: CASProtocol, seed: int, device: to
         "device": device.type,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def class_top1(ev: dict, names: Sequence[str]) -> dict[str, Optional[float]]:
+    """Per class name, top-1 (%) on the rows of that class (None: the split has none), from
+    :func:`~synthgen.train.classify.classification_metrics`' ``class_hits`` / ``class_rows``."""
+    return {n: round(100.0 * h / r, 4) if r else None for n, h, r in zip(names, ev["class_hits"], ev["class_rows"])}
+
+
+def class_gaps(result: dict, top: Optional[int] = 10) -> list[dict]:
+    """The classes a :func:`cas_score` result's synthetic run serves worst against the real baseline:
+    ``{"class", "real", "synthetic", "gap"}`` (top-1 %, gap = real - synthetic), largest gap first,
+    at most ``top`` (None: all). The run is the largest scale's (or the only one). Classes without
+    test rows are left out; a result from before per-class scores gives []."""
+    run = max(result["runs"], key=lambda r: r["scale"] or 0)
+    real, syn = result["real_baseline"].get("class_top1"), run.get("class_top1")
+    if not real or not syn:
+        return []
+    rows = [{"class": n, "real": real[n], "synthetic": syn[n], "gap": round(real[n] - syn[n], 4)}
+            for n in real if real[n] is not None and syn.get(n) is not None]
+    rows.sort(key=lambda r: (-r["gap"], r["class"]))
+    return rows if top is None else rows[:top]
 
 
 def _missing_classes(labels: torch.Tensor, names: Sequence[str]) -> list[str]:
@@ -470,7 +498,8 @@ def cas_score(
             "train": {**real_splits.train.source, "rows": len(real_splits.train)},
             "fit": {**real_splits.fit.source, "rows": len(real_splits.fit)},
             "validation": val_src,
-            "test": {**real_splits.test.source, "rows": len(real_splits.test)},
+            "test": {**real_splits.test.source, "rows": len(real_splits.test),
+                     "class_counts": dict(zip(names, torch.bincount(real_splits.test.labels, minlength=len(names)).tolist()))},
             "class_names": names,
         },
         "missing_classes": missing,
@@ -499,4 +528,22 @@ def results_table(result: dict, name: str | None = None):
         table.add_column("Synthetic" if r["scale"] is None else f"×{r['scale']}", justify="right")
     dataset = name or str(result["synthetic"].get("id", "")).rstrip("/").split("/")[-1]
     table.add_row(dataset, f"{result['real_baseline']['top1']:.2f}", *[f"{r['top1']:.2f}" for r in runs])
+    return table
+
+
+def class_gaps_table(result: dict, top: int = 10):
+    """A rich table of :func:`class_gaps`: the classes furthest below the real baseline (None when
+    the result has no per-class scores)."""
+    from rich.table import Table
+
+    rows = class_gaps(result, top)
+    if not rows:
+        return None
+    run = max(result["runs"], key=lambda r: r["scale"] or 0)
+    which = "synthetic" if run["scale"] is None else f"×{run['scale']}"
+    table = Table(title=f"Classes furthest below the real baseline ({which}; top-1 % on the real test split)")
+    for name in ("Class", "Real", "Synthetic", "Gap"):
+        table.add_column(name, justify="left" if name == "Class" else "right")
+    for r in rows:
+        table.add_row(r["class"], f"{r['real']:.2f}", f"{r['synthetic']:.2f}", f"{r['gap']:+.2f}")
     return table

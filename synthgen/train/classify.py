@@ -81,12 +81,13 @@ class TrainResult:
 
 @torch.inference_mode()
 def classification_metrics(model: nn.Module, batches, runtime: Runtime, mean, std, batch_size: int, channels_last: bool = False) -> dict:
-    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy over ``batches`` (in order)."""
+    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy over ``batches`` (in order), and per
+    model class id its top-1 hits and rows (``class_hits``, ``class_rows``: lists of ints)."""
     model.eval()
     dev = runtime.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     hits = torch.zeros(2, dtype=torch.long, device=dev)
-    n = 0
+    per_class = None  # [classes, 2]: top-1 hits and rows of each class, summed on the device
     for x, y in batches.epoch(batch_size, None, min_batch=1):
         x = to_float(x, mean, std)
         if channels_last:
@@ -96,10 +97,23 @@ def classification_metrics(model: nn.Module, batches, runtime: Runtime, mean, st
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.view(-1, 1)
         hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
-        n += len(y)
-    loss_sum, hits = runtime.all_reduce_sum(loss_sum), runtime.all_reduce_sum(hits)
-    n = int(runtime.all_reduce_sum(torch.tensor(n, device=dev)))
-    return {"loss": float(loss_sum) / max(1, n), "top1": float(hits[0]) / max(1, n), "top5": float(hits[1]) / max(1, n), "n": n}
+        if per_class is None:
+            per_class = torch.zeros(logits.shape[1], 2, dtype=torch.long, device=dev)
+        # index_add_, not bincount: bincount sizes its output from the labels' maximum (a host sync)
+        per_class.index_add_(0, y, torch.stack([top[:, 0].long(), torch.ones_like(y)], 1))
+    # Two reductions in all. A process given no rows has seen no logits, so the number of classes
+    # comes with the loss: the classes each scoring process saw, summed, over the number of them.
+    width = 0 if per_class is None else per_class.shape[0]
+    head = runtime.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(width), loss_sum.new_tensor(float(width > 0))]))
+    loss, widths, scorers = head.tolist()
+    classes = round(widths / scorers) if scorers else 0
+    if per_class is None:
+        per_class = torch.zeros(classes, 2, dtype=torch.long, device=dev)
+    counts = runtime.all_reduce_sum(torch.cat([hits, per_class.flatten()])).tolist()
+    class_hits, class_rows = counts[2::2], counts[3::2]
+    n = sum(class_rows)
+    return {"loss": loss / max(1, n), "top1": counts[0] / max(1, n), "top5": counts[1] / max(1, n), "n": n,
+            "class_hits": class_hits, "class_rows": class_rows}
 
 
 def evaluate_classifier(model: nn.Module, ds, *, mean: Sequence[float], std: Sequence[float], runtime: Runtime | None = None,
