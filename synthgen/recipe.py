@@ -319,6 +319,9 @@ def find_recipe_file(
     if text in known:
         return known[text]
     hint = f"; for the file in this folder write ./{text}" if Path(text).is_file() else ""
+    close = difflib.get_close_matches(text, list(known), n=2, cutoff=0.6)
+    if close and not hint:
+        raise RecipeError(f"unknown {what} {text!r} (did you mean {' or '.join(close)}?)")
     raise RecipeError(f"unknown {what} {text!r}: not one of {', '.join(known) or '(none found)'}{hint}")
 
 

@@ -115,7 +115,8 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
 
     cas = final_stage(run_dir, recipe, real=real, device=device, progress=progress, console=console)
     scales = ", ".join(f"x{r['scale']} {r['top1']:.2f}%" for r in cas["runs"])
-    say(f"final: CAS top-1 {scales} (real baseline {cas['real_baseline']['top1']:.2f}%); {run_dir / 'cas'}")
+    say(f"final: CAS top-1 {scales} (real baseline {cas['real_baseline']['top1']:.2f}%); pipeline {run_dir / 'pipeline'}, "
+        f"dataset {run_dir / 'dataset'}, CAS results {run_dir / 'cas'}")
     _mark(run_dir, "final", {"real_top1": cas["real_baseline"]["top1"],
                              "runs": [{"scale": r["scale"], "top1": r["top1"]} for r in cas["runs"]]})
     return cas

@@ -27,9 +27,9 @@ def refuse_unfinished(folder: str | Path | Store, storage_options: Optional[dict
 
 def read_manifest(folder: str | Path | Store, storage_options: Optional[dict[str, Any]] = None) -> dict:
     """The manifest of the built folder ``folder`` (a path, an fsspec URL or a store)."""
-    if isinstance(folder, (str, Path)) and Path(folder).is_file():
-        raise SynthgenError(f"{folder} is a file, not a synthgen dataset folder")
     store = open_store(folder, storage_options, reading=True)
+    if store.local is not None and Path(store.local).is_file():
+        raise SynthgenError(f"{store.display} is a file, not a synthgen dataset folder")
     try:
         text = store.read_text(MANIFEST)
     except FileNotFoundError:
