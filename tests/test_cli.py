@@ -185,6 +185,12 @@ def test_a_misspelt_recipe_name_gets_the_close_ones(capsys):
     assert line == "error: unknown training recipe 'rotation-vit-dem' (did you mean rotation-vit-demo or rotation-vit?)"
 
 
+def test_a_missing_recipe_folder_in_the_environment_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SYNTHGEN_RECIPES", str(tmp_path / "recipse"))
+    line = _one_error_line(capsys, ["prompts", "mine"], code=1)
+    assert line.endswith(f"; recipe folder(s) not found: {tmp_path / 'recipse'}")
+
+
 def test_prompts_past_the_last_image_is_one_line(capsys):
     line = _one_error_line(capsys, ["prompts", "demo", "--start", "200"], code=1)
     assert line == "error: --start 200 is past the recipe's last image (200 images: 0..199)"

@@ -315,12 +315,22 @@ def verify(
     """Check a dataset folder: checksums, rows and indices of every shard, every image, stray files.
 
     FOLDER may be an object store (s3://..., gs://...): the same checks, read through fsspec.
-    Exit status 1 when there is any problem (each printed on its own line).
+    Exit status 1 when there is any problem (each printed on its own line). On a terminal a
+    progress bar counts the rows checked.
     """
-    from synthgen.dataset import verify_dataset
+    from synthgen.dataset import read_manifest, verify_dataset
+    from synthgen.dataset.job import progress_bar
     from synthgen.dataset.verify import format_report
+    from synthgen.errors import SynthgenError
 
-    report = verify_dataset(folder, decode=decode)
+    total = None
+    if err_console.is_terminal:  # a script's stderr holds the problem lines only
+        try:
+            total = int(read_manifest(folder).get("rows") or 0)
+        except (SynthgenError, TypeError, ValueError):
+            total = None  # verify_dataset says what is wrong with the folder
+    with progress_bar(bool(total), f"verify {folder}", total or 0) as bar:
+        report = verify_dataset(folder, decode=decode, progress=bar.advance)
     lines = format_report(report)
     for line in lines[:-1]:
         err_console.print(line, markup=False, highlight=False)
