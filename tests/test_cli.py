@@ -177,6 +177,15 @@ def test_unknown_recipe_is_one_line(capsys):
     assert "unknown recipe 'no-such-recipe'" in line and "demo" in line
 
 
+def test_ctrl_c_says_what_the_command_kept():
+    from synthgen.cli import interrupted_line
+
+    assert interrupted_line(["build", "demo"]) == "interrupted: finished shards are kept; run the same command again to resume"
+    assert interrupted_line(["--recipes", "build", "pretrain", "x"]).startswith("interrupted: the last checkpoint is kept")
+    assert interrupted_line(["classcond", "run", "classcond-tiny"]).startswith("interrupted: finished epochs and trials")
+    assert interrupted_line(["cas", "x", "--real", "y"]) == interrupted_line([]) == "interrupted"
+
+
 def test_a_misspelt_recipe_name_gets_the_close_ones(capsys):
     assert _one_error_line(capsys, ["prompts", "demoo"], code=1) == "error: unknown recipe 'demoo' (did you mean demo?)"
     line = _one_error_line(capsys, ["build", "imagenet_sd", "--dry-run"], code=1)

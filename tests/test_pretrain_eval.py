@@ -474,6 +474,29 @@ def test_the_progress_bar_goes_to_stderr_and_the_results_to_stdout(tmp_path):
     assert "pretrain rotation-vit-demo (rotation)" in proc.stderr
 
 
+@needs_cifar
+def test_ctrl_c_keeps_the_last_checkpoint_and_says_so(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "synthgen", "pretrain", "rotation-vit-demo", "--set", SRC, "--set",
+                             "schedule.epochs=100000", "--out", str(out), "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.json").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("interrupted: the last checkpoint is kept; run the same command again "
+                                            "to resume from it")
+    assert json.loads((out / "checkpoint.json").read_text())["step"] > 0
+
+
 def test_pretrain_with_a_missing_dataset_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     rc, _, err = _run_cli(["pretrain", "rotation-vit-demo", "--set", f"dataset.source={tmp_path / 'nowhere'}", "--out", str(out)], capsys)
