@@ -370,23 +370,9 @@ def test_preview_and_verify_say_what_a_folder_is(small_dataset, tmp_path, capsys
 
 def test_verify_shows_a_progress_bar_on_a_terminal_only(small_dataset):
     """On a terminal (a pseudo-terminal here) stderr shows the rows checked; piped, it stays empty."""
-    import pty
+    from terminal import run_with_a_terminal_stderr
 
-    master, slave = pty.openpty()
-    env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
-    proc = subprocess.run([sys.executable, "-m", "synthgen", "verify", str(small_dataset)], stdout=subprocess.PIPE,
-                          stderr=slave, env=env, timeout=120)
-    os.close(slave)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the terminal is closed and drained
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(master)
+    proc, shown = run_with_a_terminal_stderr([sys.executable, "-m", "synthgen", "verify", str(small_dataset)])
     assert proc.returncode == 0 and b"ok; 24 rows" in proc.stdout
     assert b"verify " in shown and b"24/24" in shown
     piped = run_cli("verify", str(small_dataset))

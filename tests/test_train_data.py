@@ -172,6 +172,23 @@ def test_an_unfinished_build_or_a_folder_of_builds_is_refused(tmp_path, cifar_sh
     assert len(load_image_dataset(str(second), "train", cache=False)) == 4
 
 
+@needs_cifar
+def test_decoding_shows_a_bar_on_a_terminal_only(tmp_path):
+    """The first decode of a large split shows a bar on an interactive stderr; piped, it shows none."""
+    import subprocess
+    import sys
+
+    from terminal import run_with_a_terminal_stderr
+
+    code = ("import synthgen.train.data as d; d._DECODE_BAR_ROWS = 10; "
+            f"print(len(d.load_image_dataset({str(CIFAR)!r}, 'test', limit=40, cache=False)))")
+    proc, shown = run_with_a_terminal_stderr([sys.executable, "-c", code])
+    assert proc.returncode == 0 and proc.stdout.strip() == b"40"
+    assert f"decoding {CIFAR}[test]".encode() in shown and b"40/40" in shown
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == b""
+
+
 def test_a_missing_path_that_looks_like_a_hub_id_says_so(fake_hub):
     from synthgen.train.data import load_image_dataset
 

@@ -290,6 +290,29 @@ def _decode_one(example: dict | None, base_dir: str | None, image_size: int | No
     return np.array(img, dtype=np.uint8)
 
 
+# a split this large takes seconds to minutes to decode the first time (later loads are cached)
+_DECODE_BAR_ROWS = 10_000
+
+
+@contextlib.contextmanager
+def _decode_progress(desc: str, total: int):
+    """``advance(n)``: a bar that disappears when done, on an interactive stderr only (logs and pipes
+    stay as they were), on the first process of a launch, for a split of ``_DECODE_BAR_ROWS`` or more."""
+    import sys
+
+    if total < _DECODE_BAR_ROWS or not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(f"decoding {escape(desc)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("decode", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 def _decode_images(ds, column: str, image_size: int | None, base_dir: str | None, desc: str) -> torch.Tensor:
     import datasets
 
@@ -298,7 +321,7 @@ def _decode_images(ds, column: str, image_size: int | None, base_dir: str | None
     out: torch.Tensor | None = None
     workers = max(1, min(8, os.cpu_count() or 1))
     batch = 2048
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, _decode_progress(desc, n) as advance:
         start = 0
         for rows in raw.iter(batch_size=batch):
             cells = rows[column]
@@ -314,6 +337,7 @@ def _decode_images(ds, column: str, image_size: int | None, base_dir: str | None
                     )
                 out[start + j] = torch.from_numpy(a).permute(2, 0, 1)
             start += len(arrays)
+            advance(len(arrays))
     assert out is not None
     return out
 
