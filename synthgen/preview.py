@@ -23,6 +23,9 @@ def read_first_rows(folder: str | Path | Store, n: int, storage_options: Optiona
     store = open_store(folder, storage_options, reading=True)
     shards = sorted(f"data/{name}" for name in store.listing("data") if name.endswith(".parquet"))
     if not shards:
+        from synthgen.dataset.read import refuse_unfinished
+
+        refuse_unfinished(store)  # a build that has not finished a shard yet
         raise SynthgenError(f"{store.display} holds no parquet shards (data/*.parquet); is it a dataset folder?")
     rows: list[dict] = []
     for shard in shards:
@@ -30,8 +33,12 @@ def read_first_rows(folder: str | Path | Store, n: int, storage_options: Optiona
             with store.open_read(shard) as f:
                 parquet = pq.ParquetFile(f)
                 columns = [c for c in ("image", "index", "prompt", "label") if c in parquet.schema_arrow.names]
+                names = _label_names(parquet.schema_arrow)
                 for batch in parquet.iter_batches(batch_size=n - len(rows), columns=columns):
-                    rows.extend(batch.slice(0, n - len(rows)).to_pylist())
+                    for row in batch.slice(0, n - len(rows)).to_pylist():
+                        label = row.get("label")
+                        row["label_name"] = names[label] if isinstance(label, int) and 0 <= label < len(names) else label
+                        rows.append(row)
                     if len(rows) >= n:
                         break
         except (OSError, pa.ArrowException) as exc:
@@ -42,10 +49,21 @@ def read_first_rows(folder: str | Path | Store, n: int, storage_options: Optiona
     return rows
 
 
+def _label_names(schema: pa.Schema) -> list[str]:
+    """The ``label`` column's class names, from the ``datasets`` features stored in the shard's metadata."""
+    import json
+
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+        return list(features["label"]["names"])
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
 def write_preview(folder: str | Path | Store, out: str | Path, n: int = 16, columns: int = 4, cell: int = 192, *,
                   storage_options: Optional[dict[str, Any]] = None) -> Path:
     """Write a grid of the first ``n`` images of ``folder`` (a path or any fsspec URL), each with its
-    index and prompt, to the local PNG ``out``."""
+    index and prompt (its class name when it has no prompt), to the local PNG ``out``."""
     if n <= 0 or columns <= 0 or cell < 32:
         raise SynthgenError("preview needs n > 0, columns > 0 and a cell of at least 32 px")
     rows = read_first_rows(folder, n, storage_options)
@@ -61,7 +79,8 @@ def write_preview(folder: str | Path | Store, out: str | Path, n: int = 16, colu
         # nearest keeps tiny images (32 px) crisp instead of blurring them
         image = image.resize((cell, cell), Image.NEAREST if image.width < cell // 2 else Image.BICUBIC)
         grid.paste(image, (x, y))
-        caption = f"#{row['index']} {row.get('prompt') or ''}"
+        # a class-conditioned row has no prompt: its class name is what it was made from
+        caption = f"#{row['index']} {row.get('prompt') or row.get('label_name') or ''}"
         lines = textwrap.wrap(caption, chars)[:3]
         draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines), fill="black", font=font, spacing=2)
     return _save(grid, out)

@@ -319,6 +319,12 @@ def find_recipe_file(
     if text in known:
         return known[text]
     hint = f"; for the file in this folder write ./{text}" if Path(text).is_file() else ""
+    missing = [str(f) for f in _folder_list(folder) if not f.is_dir()]
+    if missing:  # e.g. a typo in SYNTHGEN_RECIPES
+        hint += f"; recipe folder(s) not found: {', '.join(missing)}"
+    close = difflib.get_close_matches(text, list(known), n=2, cutoff=0.6)
+    if close and not hint:
+        raise RecipeError(f"unknown {what} {text!r} (did you mean {' or '.join(close)}?)")
     raise RecipeError(f"unknown {what} {text!r}: not one of {', '.join(known) or '(none found)'}{hint}")
 
 

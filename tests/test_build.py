@@ -354,6 +354,31 @@ def test_preview_writes_a_grid(small_dataset, tmp_path):
     assert grid.size[0] == 3 * 64 and grid.size[1] > 2 * 64
 
 
+def test_preview_and_verify_say_what_a_folder_is(small_dataset, tmp_path, capsys):
+    """A build that has not finished a shard, and a shard file given for its folder: one line each."""
+    started = tmp_path / "started"
+    (started / ".synthgen").mkdir(parents=True)
+    (started / ".synthgen" / "plan.json").write_text("{}")
+    assert cli_main(["preview", str(started), "--out", str(tmp_path / "p.png")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {started} is an unfinished build (no synthgen_manifest.json "
+                                               "yet): run the same build command to finish it")
+    shard = next((small_dataset / "data").iterdir())
+    assert cli_main(["verify", str(shard)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {shard} is a file, not a synthgen dataset folder"
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_verify_shows_a_progress_bar_on_a_terminal_only(small_dataset):
+    """On a terminal (a pseudo-terminal here) stderr shows the rows checked; piped, it stays empty."""
+    from terminal import run_with_a_terminal_stderr
+
+    proc, shown = run_with_a_terminal_stderr([sys.executable, "-m", "synthgen", "verify", str(small_dataset)])
+    assert proc.returncode == 0 and b"ok; 24 rows" in proc.stdout
+    assert b"verify " in shown and b"24/24" in shown
+    piped = run_cli("verify", str(small_dataset))
+    assert piped.returncode == 0 and piped.stderr == ""
+
+
 def test_builtin_recipes_validate_and_sample():
     from synthgen.prompts import build_sampler
     from synthgen.recipe import list_recipes, load_recipe

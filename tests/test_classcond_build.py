@@ -137,6 +137,15 @@ def test_build_writes_class_rows_that_load_with_the_planned_counts(built):
     assert model["safety_checker"] is False  # the class-conditioned pipeline has none, whatever the recipe says
 
 
+def test_preview_captions_a_class_row_with_its_class_name(built):
+    """Class rows have no prompt: the preview names the class each image was made for."""
+    from synthgen.preview import read_first_rows
+
+    rows = read_first_rows(built, 12)
+    assert [r["label_name"] for r in rows] == [NAMES[i % 10] for i in range(12)]
+    assert all(r["prompt"] is None for r in rows)
+
+
 def test_regenerate_gives_the_stored_pixels(built, tmp_path, capsys):
     import datasets
 

@@ -42,6 +42,7 @@ def test_run_all_stages_then_resume_and_regenerate(tmp_path, tiny_pipeline_path,
     assert main(["classcond", "run", "classcond-tiny", "--run-dir", str(run_dir), "--set", SOURCE, "--device", "cpu", "-q"]) == 0
     out = capsys.readouterr().out
     assert "stage 1 (train)" in out and "stage 4 (tune-unet)" in out and "final: CAS top-1 x1" in out
+    assert f"pipeline {run_dir / 'pipeline'}, dataset {run_dir / 'dataset'}, CAS results {run_dir / 'cas'}" in out
 
     # checkpoints of both training stages
     assert list_epochs(run_dir / "encoder") == [1, 2] and list_epochs(run_dir / "unet") == [1, 2]

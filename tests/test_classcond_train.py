@@ -109,7 +109,7 @@ def test_finished_stage_returns_at_once_and_other_settings_are_refused(encoder_r
     again = train_encoder(run_dir)
     assert again.resumed_from == 4 and again.losses == result.losses
     before = sorted(p.name for p in (run_dir / "encoder").iterdir())
-    with pytest.raises(SynthgenError, match="trained with config=.*resume with the same settings"):
+    with pytest.raises(SynthgenError, match=r"encoder was trained with config.lr=\S+ \(now 0.001\); resume with the same settings"):
         train_encoder(run_dir, config={**ENCODER, "lr": 1e-3})
     with pytest.raises(SynthgenError, match="holds a run for another dataset"):
         train_encoder(run_dir, limit=100)
@@ -232,7 +232,7 @@ def test_stage3_finetunes_the_unet_with_a_checkpoint_per_epoch(tmp_path, encoder
     assert size < 200_000 if method == "lora" else size > 3_000_000  # tiny UNet: 0.97M parameters
 
     assert finetune_unet(run_dir, encoder_epoch=2, config=config).resumed_from == 2  # done: nothing to do
-    with pytest.raises(SynthgenError, match="trained with encoder_epoch=2, not 3"):
+    with pytest.raises(SynthgenError, match=r"trained with encoder_epoch=2 \(now 3\)"):
         finetune_unet(run_dir, encoder_epoch=3, config=config)
     with pytest.raises(SynthgenError, match="fine-tuned with encoder epoch 2, not 1"):
         load_run_pipeline(run_dir, encoder_epoch=1, unet_epoch=2)

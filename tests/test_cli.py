@@ -177,6 +177,51 @@ def test_unknown_recipe_is_one_line(capsys):
     assert "unknown recipe 'no-such-recipe'" in line and "demo" in line
 
 
+def test_ctrl_c_says_what_the_command_kept():
+    from synthgen.cli import interrupted_line
+
+    assert interrupted_line(["build", "demo"]) == "interrupted: finished shards are kept; run the same command again to resume"
+    assert interrupted_line(["--recipes", "build", "pretrain", "x"]).startswith("interrupted: the last checkpoint is kept")
+    assert interrupted_line(["classcond", "run", "classcond-tiny"]).startswith("interrupted: finished epochs and trials")
+    assert interrupted_line(["cas", "x", "--real", "y"]) == interrupted_line([]) == "interrupted"
+
+
+def test_a_misspelt_recipe_name_gets_the_close_ones(capsys):
+    assert _one_error_line(capsys, ["prompts", "demoo"], code=1) == "error: unknown recipe 'demoo' (did you mean demo?)"
+    line = _one_error_line(capsys, ["build", "imagenet_sd", "--dry-run"], code=1)
+    assert line == "error: unknown recipe 'imagenet_sd' (did you mean imagenet-sd or imagenet100-sd?)"
+    line = _one_error_line(capsys, ["pretrain", "rotation-vit-dem"], code=1)
+    assert line == "error: unknown training recipe 'rotation-vit-dem' (did you mean rotation-vit-demo or rotation-vit?)"
+
+
+def test_a_missing_recipe_folder_in_the_environment_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SYNTHGEN_RECIPES", str(tmp_path / "recipse"))
+    line = _one_error_line(capsys, ["prompts", "mine"], code=1)
+    assert line.endswith(f"; recipe folder(s) not found: {tmp_path / 'recipse'}")
+
+
+def test_prompts_past_the_last_image_is_one_line(capsys):
+    line = _one_error_line(capsys, ["prompts", "demo", "--start", "200"], code=1)
+    assert line == "error: --start 200 is past the recipe's last image (200 images: 0..199)"
+    assert main(["prompts", "demo", "--start", "198", "-n", "5", "--tsv"]) == 0  # a last page is cut short
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["198", "199"]
+
+
+def test_a_broken_recipe_file_does_not_hide_the_others(tmp_path, capsys):
+    """`recipes list` lists every recipe that loads, marks the one that does not, prints its error
+    and exits 1; each row's description is its first sentence."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "broken.yaml").write_text("name: [oops\n")
+    rc = main(["--recipes", str(mine), "recipes", "list"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert err.strip() == f"error: {mine / 'broken.yaml'}: malformed YAML (line 2, column 1): expected ',' or ']', but got '<stream end>'"
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│")}
+    assert "does not load" in rows["broken"] and {"demo", "imagenet-sd", "stablerep-cc3m"} <= set(rows)
+    assert "The images are noise-like" not in rows["demo"]  # the demo's second sentence
+
+
 def test_a_recipe_name_is_not_a_folder_in_the_current_directory(tmp_path, monkeypatch, capsys):
     """A folder (or extension-less file) named `demo` in the working directory does not hide the
     built-in recipe; `./demo` and `demo.yaml` are paths."""

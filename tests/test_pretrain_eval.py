@@ -141,8 +141,8 @@ def test_rotation_demo_lowers_loss_resumes_and_checkpoints(rotation_run):
     # a finished run is not repeated; another config into the same folder is refused
     again = pretrain(load_pretrain_config("rotation-vit-demo", [SRC]), out, progress=False)
     assert again.metrics["step"] == 40 and again.metrics["history"] == hist
-    with pytest.raises(SynthgenError, match="different config"):
-        pretrain(load_pretrain_config("rotation-vit-demo", [SRC, "optimizer.lr=0.1"]), out, progress=False)
+    with pytest.raises(SynthgenError, match=r"different config \(differs in: optimizer.lr, schedule.epochs\); use another --out"):
+        pretrain(load_pretrain_config("rotation-vit-demo", [SRC, "optimizer.lr=0.1", "schedule.epochs=3"]), out, progress=False)
 
 
 @needs_cifar
@@ -283,6 +283,15 @@ def test_linear_probe_and_knn_on_the_checkpoint(rotation_run):
     lin = evaluate(
         load_eval_config("linear-probe-cifar10", EVAL_SUBSET + [f"checkpoint={out}", "linear.epochs=15"]), progress=False
     )
+    # the feature pass reports each batch (the CLI's progress bar), in images
+    from synthgen.train.evaluate import extract_dataset_features
+    from synthgen.train.runtime import Runtime
+
+    done = []
+    backbone = load_backbone_for_test(out)
+    feats = extract_dataset_features(backbone, torch.zeros(10, 3, 32, 32, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3,
+                                     Runtime.create("cpu"), batch_size=4, on_batch=done.append)
+    assert done == [4, 4, 2] and feats.shape[0] == 10
     knn = evaluate(load_eval_config("knn-cifar10", EVAL_SUBSET + [f"checkpoint={out}", "knn.k=[5, 20]"]), progress=False)
     for report in (lin, knn):
         assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
@@ -389,7 +398,8 @@ def test_crafted_pickle_checkpoint_never_runs(tmp_path, capsys):
                                "--set", "dataset.train_limit=20", "--set", "dataset.test_limit=10"], capsys)
         assert rc == 1 and err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err, err
     rc, _, err = _run_cli(["pretrain", "rotation-vit-demo", "--set", SRC, "--set", "schedule.max_steps=1", "--out", str(folder), "-q"], capsys)
-    assert rc == 0, err  # the pickle is ignored: only checkpoint.json + safetensors are checkpoints
+    # the pickle is no checkpoint (only checkpoint.json + safetensors are), and a new run does not write beside it
+    assert rc == 1 and "holds other files (checkpoint.pt) and no checkpoint" in err, err
     assert not marker.exists()
 
 
@@ -415,6 +425,76 @@ def test_garbage_and_foreign_checkpoints_are_one_line(rotation_run, tmp_path, ca
     (other / "model.safetensors").write_bytes((other / "optimizer.safetensors").read_bytes())
     rc, _, err = _run_cli(["evaluate", "--checkpoint", str(other), *base], capsys)
     assert rc == 1 and "sha256 differs" in err
+
+
+def load_backbone_for_test(out):
+    from synthgen.train.evaluate import load_backbone
+
+    return load_backbone(out)[0]
+
+
+@needs_cifar
+def test_a_new_run_never_writes_among_other_files(tmp_path, capsys):
+    """--out that holds other things (a dataset folder, a source tree) and no checkpoint is refused
+    before any work; what an interrupted first checkpoint leaves behind is not in the way."""
+    from synthgen.train.pretrain import pretrain
+
+    dataset = tmp_path / "outputs" / "demo"
+    (dataset / "data").mkdir(parents=True)
+    (dataset / "synthgen_manifest.json").write_text("{}")
+    rc, _, err = _run_cli(["pretrain", "rotation-vit-demo", "--set", SRC, "--out", str(dataset)], capsys)
+    assert rc == 1 and err.strip() == (f"error: {dataset} holds other files (data, synthgen_manifest.json) and no "
+                                       "checkpoint; choose an empty or new --out")
+    assert sorted(p.name for p in dataset.iterdir()) == ["data", "synthgen_manifest.json"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    rc, _, err = _run_cli(["pretrain", "rotation-vit-demo", "--set", SRC, "--out", str(a_file)], capsys)
+    assert rc == 1 and err.strip() == f"error: --out {a_file} is a file, not a folder"
+    crashed = tmp_path / "crashed"  # killed while writing its first checkpoint: no checkpoint.json yet
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"partial")
+    (crashed / "optimizer.safetensors.tmp123").write_bytes(b"partial")
+    result = pretrain(load_pretrain_config("rotation-vit-demo", [SRC, "schedule.max_steps=2"]), crashed, progress=False)
+    assert result.metrics["step"] == 2 and (crashed / "checkpoint.json").is_file()
+
+
+@needs_cifar
+def test_the_progress_bar_goes_to_stderr_and_the_results_to_stdout(tmp_path):
+    """Redirected stdout holds the result lines only (the bar, when shown, is on stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "synthgen", "pretrain", "rotation-vit-demo", "--set", SRC,
+                           "--set", "schedule.max_steps=2", "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"checkpoint: {out}" and "━" not in proc.stdout
+    assert "pretrain rotation-vit-demo (rotation)" in proc.stderr
+
+
+@needs_cifar
+def test_ctrl_c_keeps_the_last_checkpoint_and_says_so(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "synthgen", "pretrain", "rotation-vit-demo", "--set", SRC, "--set",
+                             "schedule.epochs=100000", "--out", str(out), "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.json").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("interrupted: the last checkpoint is kept; run the same command again "
+                                            "to resume from it")
+    assert json.loads((out / "checkpoint.json").read_text())["step"] > 0
 
 
 def test_pretrain_with_a_missing_dataset_writes_nothing(tmp_path, capsys):

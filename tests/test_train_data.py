@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from synthgen.errors import SynthgenError
+from hub_server import fake_hub  # noqa: F401 - the fixture
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
 needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason=f"real CIFAR-10 folder not found at {CIFAR} (../shared beside the clone)")
@@ -148,6 +149,52 @@ def test_parquet_file_and_mixed_sizes(tmp_path):
     assert out.images.shape == (2, 3, 16, 16) and out.labels is None and out.groups.tolist() == [7, 7]
     with pytest.raises(SynthgenError, match="no label column"):
         load_image_dataset(str(path), "train", image_size=16, require_labels=True)
+
+
+def test_an_unfinished_build_or_a_folder_of_builds_is_refused(tmp_path, cifar_shards):
+    """A build folder whose manifest is not written yet holds only some shards, and a folder holding
+    several builds would be read as one split of all their shards: both are one line, not data."""
+    from synthgen.train.data import load_image_dataset
+
+    builds = tmp_path / "outputs"
+    first = cifar_shards(builds / "first", [6, 6])
+    second = cifar_shards(builds / "nested" / "second", [4])
+    (first / ".synthgen").mkdir()
+    (first / ".synthgen" / "plan.json").write_text("{}")
+    with pytest.raises(SynthgenError, match=r"first is an unfinished build \(no synthgen_manifest.json yet\)"):
+        load_image_dataset(str(first), "train", cache=False)
+    (first / "synthgen_manifest.json").write_text("{}")  # finished: the same folder now loads
+    assert len(load_image_dataset(str(first), "train", cache=False)) == 12
+    (second / "synthgen_manifest.json").write_text("{}")
+    with pytest.raises(SynthgenError, match=r"outputs is not one dataset: it holds the synthgen builds first, "
+                                            r"nested/second; name one of them"):
+        load_image_dataset(str(builds), "train", cache=False)
+    assert len(load_image_dataset(str(second), "train", cache=False)) == 4
+
+
+@needs_cifar
+def test_decoding_shows_a_bar_on_a_terminal_only(tmp_path):
+    """The first decode of a large split shows a bar on an interactive stderr; piped, it shows none."""
+    import subprocess
+    import sys
+
+    from terminal import run_with_a_terminal_stderr
+
+    code = ("import synthgen.train.data as d; d._DECODE_BAR_ROWS = 10; "
+            f"print(len(d.load_image_dataset({str(CIFAR)!r}, 'test', limit=40, cache=False)))")
+    proc, shown = run_with_a_terminal_stderr([sys.executable, "-c", code])
+    assert proc.returncode == 0 and proc.stdout.strip() == b"40"
+    assert f"decoding {CIFAR}[test]".encode() in shown and b"40/40" in shown
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == b""
+
+
+def test_a_missing_path_that_looks_like_a_hub_id_says_so(fake_hub):
+    from synthgen.train.data import load_image_dataset
+
+    with pytest.raises(SynthgenError, match=r"cannot load dataset outputs/no-such-build \(no such local path, so it "
+                                            r"was read as a Hub dataset id\)"):
+        load_image_dataset("outputs/no-such-build", "train")
 
 
 # ---------------------------------------------------------------- trainer

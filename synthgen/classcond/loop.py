@@ -163,11 +163,18 @@ def _same_settings(have: dict, want: dict, folder: Path) -> None:
     want = json.loads(json.dumps(want, default=str))
     if have == want:
         return
-    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-    k = keys[0]
+    from synthgen.dataset.folder import changed_keys
+
+    def value(data: dict, dotted: str):
+        for part in dotted.split("."):
+            data = data.get(part) if isinstance(data, dict) else None
+        return data
+
+    keys = changed_keys(have, want) or sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    shown = ", ".join(f"{k}={value(have, k)!r} (now {value(want, k)!r})" for k in keys[:3])
     raise SynthgenError(
-        f"{folder} was trained with {k}={have.get(k)!r}, not {want.get(k)!r}; resume with the same settings "
-        "or use another run folder"
+        f"{folder} was trained with {shown}{f' (and {len(keys) - 3} more)' if len(keys) > 3 else ''}; "
+        "resume with the same settings or use another run folder"
     )
 
 

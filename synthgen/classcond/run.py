@@ -116,7 +116,8 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
 
     cas = final_stage(run_dir, recipe, real=real, device=device, progress=progress, console=console)
     scales = ", ".join(f"x{r['scale']} {r['top1']:.2f}%" for r in cas["runs"])
-    say(f"final: CAS top-1 {scales} (real baseline {cas['real_baseline']['top1']:.2f}%); {run_dir / 'cas'}")
+    say(f"final: CAS top-1 {scales} (real baseline {cas['real_baseline']['top1']:.2f}%); pipeline {run_dir / 'pipeline'}, "
+        f"dataset {run_dir / 'dataset'}, CAS results {run_dir / 'cas'}")
     gaps = class_gaps(cas, top=5)
     if gaps:
         worst = ", ".join(f"{g['class']} {g['synthetic']:.1f}% (real {g['real']:.1f}%)" for g in gaps)

@@ -124,6 +124,29 @@ def _usage_exit(exc: BaseException) -> Optional[int]:
     return None
 
 
+# what each command keeps when it is interrupted (Ctrl-C), so that running it again resumes
+_KEPT_ON_INTERRUPT = {
+    "build": "finished shards are kept; run the same command again to resume",
+    "pretrain": "the last checkpoint is kept; run the same command again to resume from it",
+    "classcond": "finished epochs and trials are kept; run the same command again to resume",
+    "push": "uploaded files are kept; run the same command again to finish the push",
+}
+
+
+def interrupted_line(args: list[str]) -> str:
+    """The line printed after Ctrl-C: what the interrupted command kept, when it keeps anything."""
+    words = iter(args)
+    command = None
+    for word in words:
+        if word == "--recipes":  # the one global option that takes a value
+            next(words, None)
+        elif not word.startswith("-"):
+            command = word
+            break
+    kept = _KEPT_ON_INTERRUPT.get(command or "")
+    return f"interrupted: {kept}" if kept else "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     _register()
     try:
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return code
     if result == 130:  # typer turns Ctrl-C into Exit(130)
-        print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        print(interrupted_line(sys.argv[1:] if argv is None else argv), file=sys.stderr)
     # click returns an ``Exit``'s code instead of raising it when standalone_mode is off
     return result if isinstance(result, int) else 0
 

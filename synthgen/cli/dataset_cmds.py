@@ -189,18 +189,36 @@ def _print_plan(build) -> None:
 
 @recipes_app.command("list")
 def recipes_list() -> None:
-    """List the recipes: built-in ones and those in your recipe folders."""
+    """List the recipes: built-in ones and those in your recipe folders.
+
+    A recipe file that does not load is listed with its error (and the exit status is 1); the
+    others are listed as usual. `synthgen recipes show NAME` prints a whole recipe.
+    """
+    import re
+
+    from synthgen.errors import SynthgenError
     from synthgen.paths import RECIPES_DIR
     from synthgen.recipe import load_recipe, recipe_files
 
     table = Table()
     for col in ("name", "images", "sampler", "model", "from", "description"):
         table.add_column(col)
+    broken = []
     for name, path in recipe_files().items():
-        r = load_recipe(path)
         source = "built-in" if path.parent == RECIPES_DIR else str(path.parent)
-        table.add_row(name, f"{r.count:,}", r.prompts.kind, r.generator.model, source, r.description.split("\n")[0])
+        try:
+            r = load_recipe(path)
+        except SynthgenError as exc:
+            broken.append(str(exc))
+            table.add_row(name, "-", "-", "-", source, "[red]does not load (see the error below)[/red]")
+            continue
+        first_sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z])", r.description.strip(), maxsplit=1)[0]
+        table.add_row(name, f"{r.count:,}", r.prompts.kind, r.generator.model, source, first_sentence)
     console.print(table)
+    for message in broken:
+        error_line(message)
+    if broken:
+        raise typer.Exit(1)
 
 
 @recipes_app.command("show")
@@ -224,11 +242,14 @@ def prompts(
     tsv: bool = typer.Option(False, "--tsv", help="Tab-separated lines instead of a table (for pipes)."),
 ) -> None:
     """Show the prompts a recipe gives its images (index, label, group, prompt)."""
+    from synthgen.errors import SynthgenError
     from synthgen.prompts import build_sampler
 
     if n < 0 or start < 0:
         raise typer.BadParameter("-n and --start must not be negative")
     sampler = build_sampler(_load(recipe, set_))
+    if start >= len(sampler):
+        raise SynthgenError(f"--start {start} is past the recipe's last image ({len(sampler):,} images: 0..{len(sampler) - 1})")
     indices = range(max(0, start), min(len(sampler), start + n))
     if tsv:
         for i in indices:
@@ -294,12 +315,22 @@ def verify(
     """Check a dataset folder: checksums, rows and indices of every shard, every image, stray files.
 
     FOLDER may be an object store (s3://..., gs://...): the same checks, read through fsspec.
-    Exit status 1 when there is any problem (each printed on its own line).
+    Exit status 1 when there is any problem (each printed on its own line). On a terminal a
+    progress bar counts the rows checked.
     """
-    from synthgen.dataset import verify_dataset
+    from synthgen.dataset import read_manifest, verify_dataset
+    from synthgen.dataset.job import progress_bar
     from synthgen.dataset.verify import format_report
+    from synthgen.errors import SynthgenError
 
-    report = verify_dataset(folder, decode=decode)
+    total = None
+    if err_console.is_terminal:  # a script's stderr holds the problem lines only
+        try:
+            total = int(read_manifest(folder).get("rows") or 0)
+        except (SynthgenError, TypeError, ValueError):
+            total = None  # verify_dataset says what is wrong with the folder
+    with progress_bar(bool(total), f"verify {folder}", total or 0) as bar:
+        report = verify_dataset(folder, decode=decode, progress=bar.advance)
     lines = format_report(report)
     for line in lines[:-1]:
         err_console.print(line, markup=False, highlight=False)

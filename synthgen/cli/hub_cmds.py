@@ -21,7 +21,7 @@ def push(
     message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
     force: bool = typer.Option(False, "--force", help="Publish over a repo that holds another dataset or model."),
     dataset: Optional[List[str]] = typer.Option(
-        None, "--dataset", help="Models: the data it was trained on, org/name[@revision] or a dataset folder (repeatable)."
+        None, "--dataset", metavar="ID", help="Models: the data it was trained on, org/name[@revision] or a dataset folder (repeatable)."
     ),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Models: the Hub model it was trained from."),
 ) -> None:

@@ -13,16 +13,28 @@ from synthgen.dataset.storage import STATE_DIR, Store, open_store
 from synthgen.errors import SynthgenError
 
 
+def unfinished_build_error(display: str) -> SynthgenError:
+    return SynthgenError(f"{display} is an unfinished build (no {MANIFEST} yet): run the same build command to finish it")
+
+
+def refuse_unfinished(folder: str | Path | Store, storage_options: Optional[dict[str, Any]] = None) -> None:
+    """Raise when ``folder`` is a build that has started (its plan is written) but not finished (no
+    manifest): its finished shards are a part of the dataset, which nothing should read as the whole."""
+    store = open_store(folder, storage_options, reading=True)
+    if not store.exists(MANIFEST) and store.exists(f"{STATE_DIR}/{PLAN_FILE}"):
+        raise unfinished_build_error(store.display)
+
+
 def read_manifest(folder: str | Path | Store, storage_options: Optional[dict[str, Any]] = None) -> dict:
     """The manifest of the built folder ``folder`` (a path, an fsspec URL or a store)."""
     store = open_store(folder, storage_options, reading=True)
+    if store.local is not None and Path(store.local).is_file():
+        raise SynthgenError(f"{store.display} is a file, not a synthgen dataset folder")
     try:
         text = store.read_text(MANIFEST)
     except FileNotFoundError:
         if store.exists(f"{STATE_DIR}/{PLAN_FILE}"):
-            raise SynthgenError(
-                f"{store.display} is an unfinished build (no {MANIFEST} yet): run the same build command to finish it"
-            ) from None
+            raise unfinished_build_error(store.display) from None
         raise SynthgenError(f"{store.display} is not a synthgen dataset folder (no {MANIFEST})") from None
     except (IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise SynthgenError(f"{store.display}/{MANIFEST} is unreadable ({exc})") from None

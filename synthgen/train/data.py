@@ -142,6 +142,23 @@ def quiet_datasets():
         enable_progress_bars()
 
 
+def _check_local_folder(p: Path, source: str) -> None:
+    """A folder ``synthgen build`` is still writing is not a dataset yet (its finished shards are a
+    part of it), and a folder that holds several builds is not one dataset: ``load_dataset`` would
+    read every parquet file below it as one split."""
+    from synthgen.dataset.folder import MANIFEST
+    from synthgen.dataset.read import refuse_unfinished
+
+    if (p / MANIFEST).is_file():
+        return
+    refuse_unfinished(p)
+    nested = sorted({m.parent.relative_to(p).as_posix() for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}")
+                     for m in p.glob(pattern)})
+    if nested:
+        shown = ", ".join(nested[:5]) + (f" and {len(nested) - 5} more" if len(nested) > 5 else "")
+        raise SynthgenError(f"{source} is not one dataset: it holds the synthgen builds {shown}; name one of them")
+
+
 def _load_hf_split(source: str, split: str, revision: str | None, storage_options: dict | None = None):
     """Return ``(datasets.Dataset, resolved_id, commit)`` for one split, with one-line errors;
     ``commit`` is the Hub commit sha a Hub id resolved to (None for local data)."""
@@ -173,6 +190,7 @@ def _load_hf_split_quiet(source: str, split: str, revision: str | None, storage_
                 if isinstance(dsd, datasets.Dataset):
                     dsd = datasets.DatasetDict({"train": dsd})
             else:
+                _check_local_folder(p, source)
                 dsd = datasets.load_dataset(str(p))
             resolved = str(p.resolve())
         elif "://" in source and not source.startswith("hf://"):
@@ -180,6 +198,10 @@ def _load_hf_split_quiet(source: str, split: str, revision: str | None, storage_
             # as `synthgen build --out URL` writes) or one parquet file; credentials from the environment
             if revision is not None:
                 raise SynthgenError(f"--revision {revision!r} applies to Hub datasets only, not to {source}")
+            if not source.endswith(".parquet"):
+                from synthgen.dataset.read import refuse_unfinished
+
+                refuse_unfinished(source, storage_options)
             files = source if source.endswith(".parquet") else f"{source.rstrip('/')}/data/{split}-*.parquet"
             dsd = datasets.load_dataset("parquet", data_files={split: files}, storage_options=storage_options)
             resolved = source
@@ -199,6 +221,8 @@ def _load_hf_split_quiet(source: str, split: str, revision: str | None, storage_
         if len(msg) > 300:
             msg = msg[:300] + "..."
         where = f"{source}" + (f" at revision {revision!r}" if revision else "")
+        if not _is_local(source) and "://" not in source:
+            where += " (no such local path, so it was read as a Hub dataset id)"
         raise SynthgenError(f"cannot load dataset {where}: {type(exc).__name__}: {msg}") from None
     if not isinstance(dsd, datasets.DatasetDict):  # pragma: no cover - load_dataset without split gives a dict
         dsd = datasets.DatasetDict({"train": dsd})
@@ -266,6 +290,29 @@ def _decode_one(example: dict | None, base_dir: str | None, image_size: int | No
     return np.array(img, dtype=np.uint8)
 
 
+# a split this large takes seconds to minutes to decode the first time (later loads are cached)
+_DECODE_BAR_ROWS = 10_000
+
+
+@contextlib.contextmanager
+def _decode_progress(desc: str, total: int):
+    """``advance(n)``: a bar that disappears when done, on an interactive stderr only (logs and pipes
+    stay as they were), on the first process of a launch, for a split of ``_DECODE_BAR_ROWS`` or more."""
+    import sys
+
+    if total < _DECODE_BAR_ROWS or not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(f"decoding {escape(desc)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("decode", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 def _decode_images(ds, column: str, image_size: int | None, base_dir: str | None, desc: str) -> torch.Tensor:
     import datasets
 
@@ -274,7 +321,7 @@ def _decode_images(ds, column: str, image_size: int | None, base_dir: str | None
     out: torch.Tensor | None = None
     workers = max(1, min(8, os.cpu_count() or 1))
     batch = 2048
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, _decode_progress(desc, n) as advance:
         start = 0
         for rows in raw.iter(batch_size=batch):
             cells = rows[column]
@@ -290,6 +337,7 @@ def _decode_images(ds, column: str, image_size: int | None, base_dir: str | None
                     )
                 out[start + j] = torch.from_numpy(a).permute(2, 0, 1)
             start += len(arrays)
+            advance(len(arrays))
     assert out is not None
     return out
 

@@ -32,7 +32,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,7 @@ from synthgen.train.checkpoint import load_checkpoint as _load_checkpoint, load_
 from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
 from synthgen.train.config import EvalConfig, ModelSpec, resolve_source
 from synthgen.train.data import to_float
-from synthgen.train.pretrain import CHECKPOINT_KIND
+from synthgen.train.pretrain import CHECKPOINT_KIND, progress_bar
 from synthgen.train.runtime import Runtime
 
 __all__ = [
@@ -126,8 +126,10 @@ def load_backbone(checkpoint: str | Path | None = None, model: ModelSpec | None 
 
 
 @torch.inference_mode()
-def extract_dataset_features(backbone: nn.Module, images: torch.Tensor, mean, std, runtime: Runtime, batch_size: int = 256) -> torch.Tensor:
-    """Pooled features ``[N, D]`` (float32, on the runtime's device) of uint8 ``images``, backbone in eval mode."""
+def extract_dataset_features(backbone: nn.Module, images: torch.Tensor, mean, std, runtime: Runtime, batch_size: int = 256,
+                             on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Pooled features ``[N, D]`` (float32, on the runtime's device) of uint8 ``images``, backbone in
+    eval mode; ``on_batch(n)`` is called after each batch of ``n`` images (a progress bar)."""
     from synthgen.train.models import extract_features
 
     backbone.eval()
@@ -140,6 +142,8 @@ def extract_dataset_features(backbone: nn.Module, images: torch.Tensor, mean, st
         with runtime.autocast():
             f = extract_features(backbone, x)
         out.append(f.float())
+        if on_batch is not None:
+            on_batch(x.shape[0])
     return torch.cat(out) if out else torch.empty(0, int(getattr(backbone, "num_features", 0)), device=runtime.device)
 
 
@@ -201,8 +205,10 @@ def linear_probe(
     spec,
     runtime: Runtime,
     seed: int = 0,
+    on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Softmax regression on standardised features; (weight decay, epoch) selected on val."""
+    """Softmax regression on standardised features; (weight decay, epoch) selected on val.
+    ``on_epoch(k, epoch, val_acc)`` is called after each epoch of the ``k``-th weight decay."""
     fit, val, test = feats["fit"], feats["val"], feats["test"]
     mu, sd = fit.mean(0, keepdim=True), fit.std(0, keepdim=True).clamp_min(1e-6)
     fit, val, test = (fit - mu) / sd, (val - mu) / sd, (test - mu) / sd
@@ -210,7 +216,7 @@ def linear_probe(
     bs = probe_batch_size(fit.shape[0], spec.batch_size)
     best: dict[str, Any] = {"val_top1": -1.0}
     curves = {}
-    for wd in spec.weight_decays:
+    for k, wd in enumerate(spec.weight_decays):
         torch.manual_seed(seed)
         head = nn.Linear(fit.shape[1], num_classes).to(fit.device)
         opt = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=0.0)
@@ -230,6 +236,8 @@ def linear_probe(
             with torch.no_grad():
                 acc = (head(val).argmax(1) == y_val).float().mean().item()
             curve.append(round(acc, 5))
+            if on_epoch is not None:
+                on_epoch(k, epoch, acc)
             if stopper.on_epoch_end(epoch, {"val_acc": acc}):
                 break
         stopper.on_train_end()
@@ -325,12 +333,26 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         parts = {"fit": fit, "val": val, "test": test}
         if config.protocol == "knn":
             parts["train"] = train
-        feats = {k: extract_dataset_features(backbone, ds.images, mean, std, rt, config.feature_batch_size) for k, ds in parts.items()}
         labels = {k: ds.labels.to(rt.device) for k, ds in parts.items()}
-        if config.protocol == "knn":
-            result = knn_evaluate(feats, labels, num_classes, config.knn.k, config.knn.temperature)
-        else:
-            result = linear_probe(feats, labels, num_classes, config.linear, rt, seed=config.seed)
+        with progress_bar(progress and rt.is_main) as bar:
+            task = bar.add_task(f"{config.name}: features", total=sum(len(ds) for ds in parts.values()), info="")
+            feats = {}
+            for k, ds in parts.items():
+                bar.update(task, info=k)
+                feats[k] = extract_dataset_features(backbone, ds.images, mean, std, rt, config.feature_batch_size,
+                                                    on_batch=lambda n: bar.advance(task, n))
+            if config.protocol == "knn":
+                result = knn_evaluate(feats, labels, num_classes, config.knn.k, config.knn.temperature)
+            else:
+                spec = config.linear
+                probe = bar.add_task(f"{config.name}: linear probe", total=len(spec.weight_decays) * spec.epochs, info="")
+
+                def on_epoch(k: int, epoch: int, acc: float) -> None:
+                    bar.update(probe, completed=k * spec.epochs + epoch,
+                               info=f"weight decay {spec.weight_decays[k]:g} epoch {epoch} val top-1 {acc:.4f}")
+
+                result = linear_probe(feats, labels, num_classes, spec, rt, seed=config.seed, on_epoch=on_epoch)
+                bar.update(probe, completed=len(spec.weight_decays) * spec.epochs)  # the rest stopped early
         result["feature_dim"] = int(feats["fit"].shape[1])
     else:
         if isinstance(backbone, PixelFeatures):

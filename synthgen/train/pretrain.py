@@ -142,10 +142,43 @@ def make_optimizer(spec, model: nn.Module, images_per_batch: int) -> torch.optim
 def progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from rich.console import Console
+
+    # on stderr, as the build's: stdout keeps the results (and stays clean when redirected)
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False, console=Console(stderr=True),
     )
+
+
+def _config_change(state: dict, config: PretrainConfig) -> str:
+    """`` (differs in: a.b, c)``: the settings that keep ``config`` from resuming ``state``'s run."""
+    from synthgen.dataset.folder import changed_keys
+
+    try:
+        keys = changed_keys(json.loads(state["resume_key"]), json.loads(_resume_key(config)))
+    except (KeyError, TypeError, ValueError):  # a checkpoint without a readable key: say nothing more
+        return ""
+    if not keys:
+        return ""
+    return f" (differs in: {', '.join(keys[:5])}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''})"
+
+
+# what a checkpoint write leaves in its folder (``<name>.tmp<pid>`` while it writes), and evaluate's reports
+_RUN_FILES = {"model.safetensors", "optimizer.safetensors", "checkpoint.json", "config.yaml", "metrics.json", "eval"}
+
+
+def _check_fresh_out(out: Path) -> None:
+    """A new run goes into an empty or new folder (or one a crash left before its first checkpoint
+    finished), never among other files: a dataset folder or a source tree would get a checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise SynthgenError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        return
+    other = sorted(p.name for p in out.iterdir() if p.name.split(".tmp")[0] not in _RUN_FILES)
+    if other:
+        shown = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
+        raise SynthgenError(f"{out} holds other files ({shown}) and no checkpoint; choose an empty or new --out")
 
 
 def _resume_key(config: PretrainConfig) -> str:
@@ -349,7 +382,10 @@ def pretrain(
             raise SynthgenError(f"{out} already holds a checkpoint; use another --out, or resume")
         state = load_checkpoint(out, kind=CHECKPOINT_KIND)
         if state.get("resume_key") != _resume_key(config):
-            raise SynthgenError(f"{out} was trained with a different config; use another --out (or the same settings to resume)")
+            raise SynthgenError(f"{out} was trained with a different config{_config_change(state, config)}; "
+                                "use another --out (or the same settings to resume)")
+    else:
+        _check_fresh_out(out)
 
     ds, mixture_rows = (dataset, None) if dataset is not None else load_pretrain_dataset(config, rt)
     streamed = not hasattr(ds, "images")
