@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,7 +205,8 @@ def test_a_classifier_schedule_ends_at_lr_0_on_the_steps_a_stream_or_odd_split_g
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    two = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
+    # both processes print to one pipe, so their lines can run together: read every {...} object
+    two = sorted((json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", res.stdout)), key=lambda d: d["rank"])
     assert two == [{"rank": 0, "steps": 22, "lr": 0.0}, {"rank": 1, "steps": 22, "lr": 0.0}]
     odd = str(cifar_shards(tmp_path / "odd", [40, 41]))
     for kind in ("stream", "tensor"):
