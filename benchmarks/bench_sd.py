@@ -29,13 +29,20 @@ pipeline, against float32 and against the row before. Every stage checks the tim
 (``--budget-s``), a failing measurement is recorded as a one-line error, and the JSON is rewritten
 after each step, so a run cut short keeps what it measured.
 
+The ``variants`` stage (not in the default ``--stages``; it runs last) measures candidate speed-ups
+that are not engine settings yet (``VARIANTS``: cuDNN autotuning, CUDA graphs, diffusers' inductor
+tuning), each alone against the engine as it is at one batch, with its images/s, speed-up and pixel
+difference, so that a GPU session can choose which to make a setting.
+
     python benchmarks/bench_sd.py --device cuda                 # 512 px, steps 25,50, batch 32,16,8,1
     python benchmarks/bench_sd.py --device cpu --size 64 --steps 2 --batches 2,1 --pixel-batch 2
+    python benchmarks/bench_sd.py --device cuda --stages table,variants --batches 8,1 --variant-batch 16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import statistics
@@ -371,6 +378,87 @@ def pixel_effects(master, engine, args, device: str, base_dtype, engine_cfg: Gen
                "DeepCache: deep UNet blocks run every Nth step; an approximation, off by default")
 
 
+# ------------------------------------------------------------------------------------------------
+# speed variants: candidate settings, measured against the engine as it is, in the same process
+# ------------------------------------------------------------------------------------------------
+VARIANTS = {
+    "cudnn-benchmark": "torch.backends.cudnn.benchmark on: cuDNN times its convolution algorithms once per shape",
+    "cuda-graphs": "UNet and VAE decoder compiled with mode='reduce-overhead' (CUDA graphs), batch dimension dynamic",
+    "inductor-tuning": ("diffusers' torch.compile recipe: inductor conv_1x1_as_mm, coordinate-descent tuning "
+                        "(all directions), no epilogue fusion"),
+}
+
+
+@contextlib.contextmanager
+def variant_state(name: str):
+    """The process-wide switches a variant needs, restored afterwards."""
+    if name == "cudnn-benchmark":
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
+    elif name == "inductor-tuning":
+        import torch._inductor.config as inductor
+
+        with inductor.patch({"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                             "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}):
+            yield
+    else:
+        yield
+
+
+def speed_variants(names: list[str], engine: "Engine", make_engine, engine_cfg: GeneratorConfig, batch: int,
+                   steps: int, args, device: str, flops: dict, limit_tflops, offset: int, budget: "Budget",
+                   rows: list, save, error) -> None:
+    """The engine as it is at ``batch``/``steps``, then each variant alone on top of it: images/s and pixels.
+
+    ``cudnn-benchmark`` reuses the compiled engine (a runtime switch); the others compile a fresh
+    engine after ``torch._dynamo.reset()`` (each new module instance would otherwise count against
+    Dynamo's recompile limit). Appends to ``rows`` and calls ``save()`` after each row.
+    """
+    n = args.pixel_batch
+    base_row = measure(engine, "engine", batch, [steps], args.repeats, device, flops, limit_tflops, offset)[0]
+    base_row["variant"] = "the engine as it is"
+    base_pixels = engine.pixels(n, steps, 0)
+    rows.append(base_row)
+    save()
+    for name in names:
+        offset += batch * (2 + args.repeats)
+        if budget.left() < 30:
+            rows.append({"variant": name, "skipped": "time"})
+            continue
+        try:
+            with variant_state(name):
+                if name == "cudnn-benchmark":
+                    candidate = engine
+                else:
+                    torch._dynamo.reset()  # the engine as it is recompiles if it runs again
+                    free()
+                    if name == "cuda-graphs":
+                        from synthgen.generate.accel import compile_with_dynamic_batch
+
+                        candidate = make_engine(engine_cfg.model_copy(update={"compile": False}))
+                        for module in (candidate.loaded.pipe.unet, candidate.loaded.pipe.vae.decoder):
+                            compile_with_dynamic_batch(module, mode="reduce-overhead")
+                    else:
+                        candidate = make_engine(engine_cfg)
+                row = measure(candidate, f"+{name}", batch, [steps], args.repeats, device, flops, limit_tflops,
+                              offset)[0]
+                row.update(variant=name, what=VARIANTS[name],
+                           speedup_vs_engine=round(row["images_per_s"] / base_row["images_per_s"], 3),
+                           pixels_vs_engine=diff(candidate.pixels(n, steps, 0), base_pixels))
+                print(f"    {name}: {row['speedup_vs_engine']}x the engine; pixels vs the engine "
+                      f"{row['pixels_vs_engine']}", flush=True)
+                rows.append(row)
+            candidate = None
+            free()
+        except Exception as exc:
+            error(f"variant {name}", exc)
+        save()
+
+
 def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -443,7 +531,11 @@ def main() -> None:
                     help="the build's output.image_format [jpeg, as the ImageNet-SD recipes]")
     ap.add_argument("--build-writers", default="pipelined,serial",
                     help="output.writer of each build, the first one reported as the build rate")
-    ap.add_argument("--stages", default="table,pixels,build")
+    ap.add_argument("--stages", default="table,pixels,build",
+                    help="any of table, pixels, build, variants (variants runs last: it resets torch.compile)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="candidate speed-ups measured by the variants stage: " + ", ".join(VARIANTS))
+    ap.add_argument("--variant-batch", type=int, default=None, help="batch of the variants stage [the largest batch]")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
                     help="engine GeneratorConfig override, e.g. compile=false (repeatable)")
@@ -457,6 +549,11 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     args.pixel_steps = args.pixel_steps or steps_list[0]
     stages = set(args.stages.split(","))
+    unknown = sorted(stages - {"table", "pixels", "build", "variants"}) + [
+        v for v in args.variants.split(",") if "variants" in stages and v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown stage or variant {unknown}: stages are table, pixels, build, variants; "
+                 f"variants are {', '.join(VARIANTS)}")
     base_dtype = getattr(torch, args.base_dtype) if args.base_dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     budget = Budget(args.budget_s)
     kind = device.split(":")[0]
@@ -486,7 +583,7 @@ def main() -> None:
                      "scheduler": "ddim", "repeats": args.repeats, "plain_dtype": dtype_name(base_dtype),
                      "engine_config": engine_cfg.model_dump(mode="json")},
         "setup_s": round(time.perf_counter() - started, 1),
-        "table": [], "pixels": [], "build": None, "skipped": [], "errors": [],
+        "table": [], "pixels": [], "build": None, "variants": [], "skipped": [], "errors": [],
     }
     print(f"{card['name']}: limit {limit_tflops} TFLOP/s; FLOPs per call {result['flops_per_call']}; "
           f"setup {result['setup_s']}s", flush=True)
@@ -575,6 +672,19 @@ def main() -> None:
         save()
     elif "pixels" in stages:
         result["skipped"].append("pixels: time")
+    if "variants" in stages and budget.left() > 60:
+        batch = args.variant_batch or max(batches)
+        print(f"speed variants: batch {batch}, {steps_list[0]} steps", flush=True)
+        try:
+            speed_variants(args.variants.split(","), engine or make_engine(engine_cfg), make_engine, engine_cfg,
+                           batch, steps_list[0], args, device, flops, limit_tflops, 10_000, budget,
+                           result["variants"], save, error)
+        except Exception as exc:
+            error("variants", exc)
+        engine = None
+        save()
+    elif "variants" in stages:
+        result["skipped"].append("variants: time")
     result["total_s"] = round(time.perf_counter() - started, 1)
     save()
     print(f"wrote {out} ({result['total_s']}s)")

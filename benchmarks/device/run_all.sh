@@ -2,22 +2,27 @@
 # Every pending GPU measurement of the open issues, as one prepared script. Run THERE, through the
 # device tool, after `bash benchmarks/device/prepare.sh` HERE:
 #   run(command="bash benchmarks/device/run_all.sh", carry=[".whl", ".devdata"], timeout_s=590)
-#   run(command="STAGES=classcond,stream bash benchmarks/device/run_all.sh", carry=[".whl", ".devdata"], timeout_s=420)
-# A session has 15 minutes of device time, start-up included: the default STAGES are the items that
-# keep issues open (CAS baseline of issue 12, the generation table of issue 10) in one call; the
-# second call adds what is already measured on the CPU (issue 8's stage-1/trial figures, issue 12's
-# streaming figures). Stages, in the order given by STAGES (comma-separated):
-#   cas        issue 12: real CIFAR-10 CAS baseline under train/cas-lomurno.yaml (goal >= 82.0% top-1,
-#              record goal <= 45 s), bench_cas_baseline.py
+#   run(command="STAGES=sd-tuning,stream bash benchmarks/device/run_all.sh", carry=[".whl", ".devdata"], timeout_s=420)
+# A session has 15 minutes of device time, start-up included. The default STAGES are what keeps
+# issue 10 open after the H100 session of 2026-11-27 (which measured the table at batch 32 and 16,
+# the build rate, the pixel effects and issue 12's CAS baseline: benchmarks/results/*-h100*.json):
+# the table's batch 8 and 1 rows with a compiled phase breakdown, then candidate speed-ups toward
+# the 60% goal. Stages, in the order given by STAGES (comma-separated):
 #   sd         issue 10: SD 1.5 architecture (random weights) at 512 px, plain diffusers fp16 vs the
-#              engine, 25/50 steps, batch 32/16/8/1, breakdown, build rate, pixel effects, bench_sd.py
+#              engine, bench_sd.py with SD_ARGS [pending: --stages table,variants --batches 8,1
+#              --variant-batch 16: rows 8 and 1, the breakdown at 8, then cuDNN autotuning and CUDA
+#              graphs against the engine at 16]. The whole table: SD_ARGS="--stages table,pixels,build"
+#              (32,16,8,1; two compiles of ~1.5-2 min each, more than one call)
+#   sd-tuning  issue 10: the slowest candidate alone (diffusers' inductor tuning recipe, a full recompile)
+#   cas        issue 12 (measured 2026-11-27: 83.24%, 109 s): real CIFAR-10 CAS baseline under
+#              train/cas-lomurno.yaml, bench_cas_baseline.py
 #   classcond  issue 8: stage-1 images/s and peak memory, one tuning trial, H100 projection,
 #              bench_classcond.py
 #   stream     issue 12: streamed parquet vs in-memory at N and 4N, bench_stream.py
 #   train      training throughput, bench_train.py
 # Each stage runs under `timeout` within what is left of BUDGET_S (default 570 s), with its own cap
-# (CAS_S, SD_S, CLASSCOND_S, STREAM_S, TRAIN_S); every bench rewrites or writes its JSON so what
-# finished comes back. Results land in $OUT (<stage>-<device>.json and .log): copy them into
+# (SD_S, SD_TUNING_S, CAS_S, CLASSCOND_S, STREAM_S, TRAIN_S); every bench rewrites or writes its JSON
+# so what finished comes back. Results land in $OUT (<stage>-<device>.json and .log): copy them into
 # benchmarks/results/ here.
 # Prove it HERE first, on the CPU at small sizes (several minutes; nothing is installed):
 #   DEVICE=cpu SMALL=1 OUT=/tmp/out-dev bash benchmarks/device/run_all.sh
@@ -25,7 +30,7 @@
 #   bash benchmarks/device/simulate_image.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-STAGES=${STAGES:-cas,sd}
+STAGES=${STAGES:-sd}
 BUDGET_S=${BUDGET_S:-570}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -85,12 +90,20 @@ for stage in ${STAGES//,/ }; do
       fi
       run_stage cas "${CAS_S:-200}" "$PY" benchmarks/bench_cas_baseline.py --cifar "$CIFAR" --device "$DEVICE" \
         "${set_args[@]}" --output "$OUT/cas-baseline-cas-lomurno-$DEVICE.json" ;;
-    sd)
-      sd_args=(); [ -n "${SMALL:-}" ] && sd_args=(--size 64 --steps 2 --batches 2,1 --repeats 1 --pixel-batch 1)
-      seconds=$(cap "${SD_S:-360}")
+    sd|sd-tuning)
+      small=(); [ -n "${SMALL:-}" ] && small=(--size 64 --steps 2 --repeats 1 --pixel-batch 1)
+      if [ "$stage" = sd ]; then
+        args=(${SD_ARGS:---stages table,variants --batches 8,1 --variant-batch 16 --variants cudnn-benchmark,cuda-graphs})
+        [ -n "${SMALL:-}" ] && args=(--stages table,pixels,build,variants --batches 2,1 --variants cudnn-benchmark)
+        seconds=$(cap "${SD_S:-540}")
+      else
+        args=(--stages variants --batches 16 --variants inductor-tuning)
+        [ -n "${SMALL:-}" ] && args=(--stages variants --batches 2 --variants inductor-tuning)
+        seconds=$(cap "${SD_TUNING_S:-200}")
+      fi
       # the bench stops starting measurements 45 s before its budget, and rewrites its JSON after each
-      run_stage sd "$seconds" "$PY" benchmarks/bench_sd.py --device "$DEVICE" "${sd_args[@]}" ${SD_ARGS:-} \
-        --budget-s $(( seconds - 45 )) --out "$OUT/generate-sd15-$DEVICE.json" ;;
+      run_stage "$stage" "$seconds" "$PY" benchmarks/bench_sd.py --device "$DEVICE" "${small[@]}" "${args[@]}" \
+        --budget-s $(( seconds - 45 )) --out "$OUT/generate-sd15-$stage-$DEVICE.json" ;;
     classcond)
       cc_args=(); [ -n "${SMALL:-}" ] && cc_args=(--steps 2 --warmup 1 --encode-images 4 --trial-images 2 --trial-steps 2 --trial-epochs 1 --trial-val 50)
       run_stage classcond "${CLASSCOND_S:-330}" "$PY" benchmarks/bench_classcond.py --device "$DEVICE" "${cc_args[@]}" \
@@ -103,7 +116,7 @@ for stage in ${STAGES//,/ }; do
     train)
       run_stage train "${TRAIN_S:-120}" "$PY" benchmarks/bench_train.py --no-cas --devices "$DEVICE" \
         --models resnet20,resnet20_w64,vit_tiny --output "$OUT/train-$DEVICE.json" ;;
-    *) echo "error: unknown stage '$stage' (cas, sd, classcond, stream, train)" >&2; exit 2 ;;
+    *) echo "error: unknown stage '$stage' (sd, sd-tuning, cas, classcond, stream, train)" >&2; exit 2 ;;
   esac
 done
 echo "== done in ${SECONDS}s"

@@ -10,10 +10,13 @@ devices and off elsewhere (on a CPU none of these helps, and ``torch.compile`` c
   cross-attention's K and V) as one matmul, in the UNet and the VAE. SDPA only.
 * ``channels_last``: UNet and VAE in NHWC layout, the layout cuDNN's fastest convolutions use.
 * ``compile``: ``torch.compile`` of the UNet's and the VAE decoder's ``forward``, with the batch
-  dimension marked dynamic: one compile per image size serves every batch size -- a shard's short
-  last batch, a retry, a decode chunk -- instead of one compile per batch size (Dynamo still
-  specialises a batch of exactly one, so single-image VAE decodes compile once more). The pipeline
-  keeps its modules; ``type(module).forward`` stays the eager forward.
+  dimension marked dynamic: a compiled graph serves a range of batch sizes -- a shard's short last
+  batch, a retry, a decode chunk -- instead of one compile per batch size. Dynamo still splits the
+  range where the model's code branches on the batch: at exactly one (single-image VAE decodes),
+  and at 64 rows, where diffusers' ``Upsample2D`` and ``ResnetBlock2D`` take a ``.contiguous()``
+  branch (with guidance, 32 images are 64 UNet rows: a recipe of ``batch_size: 32`` whose shards
+  end in a shorter batch compiles the UNet twice per process). The pipeline keeps its modules;
+  ``type(module).forward`` stays the eager forward.
 * ``step_cache_interval``: DeepCache step caching (``stepcache.py``), opt-in.
 
 Batched classifier-free guidance needs no setting: diffusers' Stable Diffusion pipeline already
