@@ -50,3 +50,50 @@ def test_bench_sd_runs_on_cpu_and_writes_every_stage(tmp_path, monkeypatch, tiny
     for row in result["pixels"]:
         assert row["vs_plain"]["max"] <= 2, row  # the tiny model at one step: rounding at most
     assert "step cache, interval 2 (opt-in)" in pixels
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_sd", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_sd_variants_stage_measures_each_candidate_against_the_engine(tmp_path, monkeypatch, tiny_pipeline_path):
+    """The variants stage: the engine as it is, then each candidate alone, with speed-up and pixel difference.
+
+    On a CPU neither candidate changes what runs (cuDNN is CUDA's; compile is off on a CPU), so the
+    pixels equal the engine's exactly; the process-wide switches are restored afterwards.
+    """
+    import torch._inductor.config as inductor
+
+    bench = _bench()
+    out = tmp_path / "variants.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_sd.py", "--arch", "tiny", "--device", "cpu", "--size", "64", "--steps", "1", "--batches", "2",
+        "--repeats", "1", "--pixel-batch", "1", "--stages", "variants", "--variants", "cudnn-benchmark,inductor-tuning",
+        "--out", str(out)])
+    before = torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm, inductor.epilogue_fusion
+    bench.main()
+    assert (torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm, inductor.epilogue_fusion) == before
+    result = json.loads(out.read_text())
+    assert result["errors"] == [] and result["table"] == [] and result["pixels"] == []
+    rows = {row["variant"]: row for row in result["variants"]}
+    assert list(rows) == ["the engine as it is", "cudnn-benchmark", "inductor-tuning"]
+    assert rows["the engine as it is"]["batch"] == 2 and rows["the engine as it is"]["images_per_s"] > 0
+    for name in ("cudnn-benchmark", "inductor-tuning"):
+        assert rows[name]["pixels_vs_engine"] == {"max": 0, "mean": 0.0}
+        assert rows[name]["speedup_vs_engine"] > 0 and rows[name]["what"] == bench.VARIANTS[name]
+
+
+def test_bench_sd_refuses_an_unknown_stage_or_variant(monkeypatch, capsys):
+    bench = _bench()
+    for extra in (["--stages", "table,speed"], ["--stages", "variants", "--variants", "cudnn-benchmark,fp8"]):
+        monkeypatch.setattr(sys, "argv", ["bench_sd.py", "--arch", "tiny", "--device", "cpu", *extra])
+        try:
+            bench.main()
+        except SystemExit as exc:
+            assert exc.code == 2
+        else:
+            raise AssertionError(f"{extra} was accepted")
+        assert "unknown stage or variant" in capsys.readouterr().err
