@@ -34,5 +34,5 @@ done
 [ ${#binary[@]} -eq 0 ] || "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall "${binary[@]}"
 "$VENV/bin/python" -m pip uninstall -q -y sqlalchemy alembic 2>/dev/null || true
 
-DEVICE=cpu SMALL=1 PY="$VENV/bin/python" STAGES=${STAGES:-cas,sd,classcond,stream} BUDGET_S=${BUDGET_S:-1800} \
+DEVICE=cpu SMALL=1 PY="$VENV/bin/python" STAGES=${STAGES:-cas,sd,sd-tuning,classcond,stream} BUDGET_S=${BUDGET_S:-1800} \
   OUT=${OUT:-/tmp/out-gpu-image} bash benchmarks/device/run_all.sh
