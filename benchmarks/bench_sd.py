@@ -446,7 +446,7 @@ def speed_variants(names: list[str], engine: "Engine", make_engine, engine_cfg: 
                         candidate = make_engine(engine_cfg)
                 row = measure(candidate, f"+{name}", batch, [steps], args.repeats, device, flops, limit_tflops,
                               offset)[0]
-                row.update(variant=name, what=VARIANTS[name],
+                row.update(variant=name, what=VARIANTS[name], engine_provenance=candidate.loaded.provenance(),
                            speedup_vs_engine=round(row["images_per_s"] / base_row["images_per_s"], 3),
                            pixels_vs_engine=diff(candidate.pixels(n, steps, 0), base_pixels))
                 print(f"    {name}: {row['speedup_vs_engine']}x the engine; pixels vs the engine "
@@ -675,12 +675,14 @@ def main() -> None:
     if "variants" in stages and budget.left() > 60:
         batch = args.variant_batch or max(batches)
         print(f"speed variants: batch {batch}, {steps_list[0]} steps", flush=True)
+        provenance = result["engine_provenance"]  # the table's engine; make_engine records each variant's
         try:
             speed_variants(args.variants.split(","), engine or make_engine(engine_cfg), make_engine, engine_cfg,
                            batch, steps_list[0], args, device, flops, limit_tflops, 10_000, budget,
                            result["variants"], save, error)
         except Exception as exc:
             error("variants", exc)
+        result["engine_provenance"] = provenance
         engine = None
         save()
     elif "variants" in stages:

@@ -84,6 +84,8 @@ def test_bench_sd_variants_stage_measures_each_candidate_against_the_engine(tmp_
     for name in ("cudnn-benchmark", "inductor-tuning"):
         assert rows[name]["pixels_vs_engine"] == {"max": 0, "mean": 0.0}
         assert rows[name]["speedup_vs_engine"] > 0 and rows[name]["what"] == bench.VARIANTS[name]
+        assert rows[name]["engine_provenance"]["compiled"] is False
+    assert result["engine_provenance"]["compiled"] is False and result["engine_provenance"]["device"] == "cpu"
 
 
 def test_bench_sd_refuses_an_unknown_stage_or_variant(monkeypatch, capsys):
