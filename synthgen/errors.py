@@ -19,3 +19,7 @@ class ModelNotFoundError(SynthgenError):
 
 class OutputFolderError(SynthgenError):
     """The output folder holds something that this build must not touch."""
+
+
+class MissingSplitError(SynthgenError):
+    """A dataset has no split of the name asked for (the message lists those it has)."""

@@ -125,6 +125,20 @@ def test_row_regenerates_to_same_pixels(small_dataset, index):
     assert np.array_equal(regenerated, pixels(row["image"]["bytes"]))
 
 
+def test_a_negative_or_too_large_index_is_one_line_and_writes_nothing(small_dataset, tmp_path, capsys):
+    """`regenerate DIR -1`: click read -1 as an unknown option ("No such option: -1"); it is a bad INDEX."""
+    out = tmp_path / "r.png"
+    for index in ("-1", "-12"):
+        assert cli_main(["regenerate", str(small_dataset), index, "--out", str(out)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: Invalid value for 'index': {index} is negative: row indices start at 0 (see 'synthgen regenerate --help')"]
+    assert cli_main(["regenerate", "--out", str(out), str(small_dataset), "--", "-1"]) == 2
+    assert "Input should be greater than or equal to 0" in capsys.readouterr().err
+    assert cli_main(["regenerate", str(small_dataset), "24", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == ["error: index 24 out of range: the dataset has 24 rows, indices 0..23"]
+    assert not out.exists()
+
+
 def test_a_row_made_without_compile_is_regenerated_without_it(tmp_path, tiny_pipeline_path, capsys):
     """Regression: regeneration loaded the recipe's compile setting whatever the build did, so on a
     GPU one image of a folder built eagerly (on a CPU, where compile is ignored) paid torch.compile's

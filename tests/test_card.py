@@ -179,6 +179,14 @@ def nan_for_class(loaded, prompts: list[str]):
     return loaded.pipe.unet.register_forward_hook(hook, with_kwargs=True)
 
 
+def test_a_shards_regenerated_rows_are_counted_per_label():
+    """The one count the writer puts in a marker and verify checks a shard against."""
+    from synthgen.dataset.writer import shard_retried_label_counts
+
+    assert shard_retried_label_counts([3, 0, 3, None, 7, 3, 10], [1, 0, 2, 1, 0, 0, 4]) == {"3": 2, "10": 1, "None": 1}
+    assert shard_retried_label_counts([1, 2], [0, 0]) == {}
+
+
 def regenerated_line(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(("- Classes with the most regenerated", "- Regenerated images per class"))]
 

@@ -253,6 +253,14 @@ def test_bad_inputs_fail_before_training(tmp_path, cifar_rows, capsys, monkeypat
     assert rc == 1 and "error: --scales" in err
 
 
+def test_threads_below_one_is_refused_in_one_line(capsys):
+    """--threads 0 was skipped silently (torch's choice) and -2 ended in torch's traceback."""
+    for value in ("0", "-2"):
+        rc, _, err = run_cli(["cas", "synthetic", "--real", "real", "--threads", value], capsys)
+        assert rc == 2 and err.splitlines() == [
+            "error: Invalid value for '--threads': Input should be greater than or equal to 1 (see 'synthgen cas --help')"]
+
+
 @pytest.mark.slow
 def test_cas_on_a_synthgen_build_folder(tmp_path, capsys):
     """A real `synthgen build demo` folder (tiny pipeline, 20 images) scores end to end."""

@@ -125,6 +125,21 @@ def test_base_model_without_cross_attention(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_quiet_train_and_finetune_print_no_epoch_lines(tmp_path, capsys, tiny_pipeline_path):
+    from synthgen.cli import main
+
+    args = ["--set", SOURCE, "--set", "encoder.epochs=1", "--set", "unet.epochs=1", "--device", "cpu"]
+    assert main(["classcond", "train", "classcond-tiny", "--run-dir", str(tmp_path / "loud"), *args]) == 0
+    assert "encoder epoch 1/1 loss" in capsys.readouterr().err  # the line -q leaves out
+    run = ["--run-dir", str(tmp_path / "run"), *args]
+    assert main(["classcond", "train", "classcond-tiny", *run, "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "stage 1 (class encoder): epochs 1-1" in out and "(trained)" in out
+    assert main(["classcond", "finetune", "classcond-tiny", *run, "--encoder-epoch", "1", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "stage 3 (UNet, lora): epochs 1-1" in out and "(trained)" in out
+
+
 def test_missing_stages_and_epochs_are_one_line(tmp_path, capsys, tiny_pipeline_path):
     from synthgen.cli import main
 

@@ -89,6 +89,13 @@ def test_no_command_prints_help_and_one_error_line(capsys, path):
     assert capsys.readouterr().out.startswith("Usage: synthgen")
 
 
+@pytest.mark.parametrize("path", [("build",), ("pretrain",), ("evaluate",), ("cas",), ("classcond", "train"),
+                                  ("classcond", "tune"), ("classcond", "finetune"), ("classcond", "run")], ids=" ".join)
+def test_every_long_command_has_quiet(path):
+    quiet = [p for p in dict(COMMANDS)[path].params if p.name == "quiet"]
+    assert len(quiet) == 1 and sorted(quiet[0].opts) == ["--quiet", "-q"] and quiet[0].default is False
+
+
 def test_synthgen_alone_in_a_real_process():
     result = subprocess.run([sys.executable, "-m", "synthgen"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2

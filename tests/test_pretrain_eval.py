@@ -503,6 +503,19 @@ def test_pretrain_with_a_missing_dataset_writes_nothing(tmp_path, capsys):
     assert rc == 1 and "not found" in err and not out.exists()
 
 
+def test_a_dataset_without_a_test_split_names_the_setting_that_picks_one(tmp_path, cifar_shards, capsys):
+    """A `synthgen build` folder has one split, train: the error says how to evaluate on another."""
+    folder = cifar_shards(tmp_path / "train-only", [60])
+    argv = ["evaluate", "--dataset", str(folder), "--model", "pixels", "--protocol", "knn", "--device", "cpu",
+            "--out", str(tmp_path / "report.json"), "-q"]
+    rc, _, err = _run_cli(argv, capsys)
+    assert rc == 1 and err.splitlines() == [
+        f"error: {folder} has no split 'test'; available: train; name another with --set dataset.test_split=<split>"]
+    assert not (tmp_path / "report.json").exists()
+    rc, out, _ = _run_cli([*argv, "--set", "dataset.test_split=train", "--set", "knn.k=[5]"], capsys)
+    assert rc == 0 and "on 60 test images" in out
+
+
 def _string_label_copy(root: Path, n_train: int, n_test: int, rename: dict | None = None) -> tuple[Path, Path]:
     """Two Hub-layout copies of the first CIFAR-10 rows, the test split without airplanes: one with
     the ClassLabel column, one with the class NAMES as plain strings (``rename`` changes some test names)."""

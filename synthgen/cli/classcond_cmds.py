@@ -26,6 +26,7 @@ app.add_typer(classcond_app, name="classcond")
 RECIPE_HELP = "A class-conditioning recipe under train/ (classcond-cifar10, classcond-tiny) or a YAML file."
 SET_HELP = "Override a recipe field, e.g. --set tuning.images=2000 (repeatable; values are YAML)."
 RUN_DIR_HELP = "The run folder [default: runs/<recipe name>]."
+QUIET_EPOCHS_HELP = "No per-epoch lines."
 DEVICE_HELP = "cpu, cuda, cuda:1 ... for training, generation and the classifier [default: the recipe's, auto]."
 
 
@@ -69,12 +70,14 @@ def train(
         None, "--device", help="auto, cpu, cuda, cuda:1 ... (cpu trains on the CPU even with a GPU) "
         "[default: the recipe's: the CPU with encoder.cpu: true, else auto]."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_EPOCHS_HELP),
 ) -> None:
     """Stage 1: train the class encoder (UNet and VAE frozen), a checkpoint per epoch; resumes."""
     from synthgen.classcond.run import train_stage
 
     r = _recipe(recipe, set_)
-    _stage_done("stage 1 (class encoder)", train_stage(_run_dir(run_dir, r), r, device=device, on_epoch_end=_epoch_line))
+    result = train_stage(_run_dir(run_dir, r), r, device=device, on_epoch_end=None if quiet else _epoch_line)
+    _stage_done("stage 1 (class encoder)", result)
 
 
 @classcond_app.command()
@@ -85,6 +88,7 @@ def tune(
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Finished trials to reach [default: the recipe's]."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-trial lines."),
 ) -> None:
     """Stage 2 or 4: tune steps, guidance and a checkpoint epoch for CAS (Optuna TPE + Hyperband).
 
@@ -95,7 +99,7 @@ def tune(
     from synthgen.classcond.tune import tune_stage
 
     r = _recipe(recipe, set_)
-    result = tune_stage(_run_dir(run_dir, r), r, stage, trials=trials, device=device, on_trial=_trial_line)
+    result = tune_stage(_run_dir(run_dir, r), r, stage, trials=trials, device=device, on_trial=None if quiet else _trial_line)
     if result.retried:
         err_console.print(f"retried the interrupted trial(s) {', '.join(map(str, result.retried))}", markup=False, highlight=False)
     if not result.best:
@@ -119,12 +123,14 @@ def finetune(
         None, "--device", help="auto, cpu, cuda, cuda:1 ... (cpu trains on the CPU even with a GPU) "
         "[default: the recipe's: the CPU with unet.cpu: true, else auto]."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_EPOCHS_HELP),
 ) -> None:
     """Stage 3: fine-tune the UNet (full, or LoRA with unet.method=lora) with the encoder fixed; resumes."""
     from synthgen.classcond.run import finetune_stage
 
     r = _recipe(recipe, set_)
-    result = finetune_stage(_run_dir(run_dir, r), r, encoder_epoch=encoder_epoch, device=device, on_epoch_end=_epoch_line)
+    result = finetune_stage(_run_dir(run_dir, r), r, encoder_epoch=encoder_epoch, device=device,
+                            on_epoch_end=None if quiet else _epoch_line)
     _stage_done(f"stage 3 (UNet, {r.unet.method})", result)
 
 

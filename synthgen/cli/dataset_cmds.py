@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.table import Table
+from typer._click.exceptions import NoSuchOption
+from typer.core import TyperCommand
 
 from synthgen.cli import app, error_line
 from synthgen.cli.output import console, err_console, write_plain
@@ -289,10 +292,26 @@ def preview(
     console.print(f"wrote {path}", markup=False, highlight=False)
 
 
-@app.command()
+class RowIndexCommand(TyperCommand):
+    """Reads a negative row index (``regenerate DIR -1``) as a bad INDEX, where click would report
+    the unknown option ``-1``."""
+
+    def parse_args(self, ctx, args):
+        given = list(args)  # the parser consumes ``args``
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as exc:
+            negative = next((a for a in given if re.fullmatch(r"-\d+", a)), None)
+            if negative is None or exc.option_name != negative[:2]:
+                raise
+            index = next(p for p in self.params if p.name == "index")
+            raise typer.BadParameter(f"{negative} is negative: row indices start at 0", ctx=ctx, param=index) from None
+
+
+@app.command(cls=RowIndexCommand)
 def regenerate(
     folder: str = typer.Argument(..., help=FOLDER_HELP),
-    index: int = typer.Argument(..., help="Global index of the row to regenerate."),
+    index: int = typer.Argument(..., min=0, help="Global index of the row to regenerate (the first row is 0)."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write, a local file (its folder is created if missing)."),
 ) -> None:
     """Regenerate one image from its row (prompt, seed) and the folder's settings, and compare.

@@ -56,7 +56,7 @@ def cas(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (tag, branch, commit) of the synthetic dataset."),
     real_revision: Optional[str] = typer.Option(None, "--real-revision", help="Hub revision of the real dataset."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch [default: torch's choice]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch [default: torch's choice]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result JSON [default: <synthetic folder>/cas/cas-<real>-seed<seed>.json when that folder is writable, else ./cas-<real>-seed<seed>.json]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the real baseline even when it is cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch lines."),
@@ -74,7 +74,7 @@ def cas(
 
     proto, info = load_cas_protocol(protocol, list(set_ or []))
     scale_list = parse_scales(scales)
-    if threads:
+    if threads is not None:
         import torch
 
         torch.set_num_threads(threads)

@@ -50,8 +50,9 @@ def read_manifest(folder: str | Path | Store, storage_options: Optional[dict[str
 
 def _manifest_shard(folder: str, manifest: dict, index: int) -> tuple[ShardSpec, dict]:
     plan = ShardPlan(manifest["plan"]["total"], manifest["plan"]["per_shard"], manifest["plan"]["split"])
-    if not 0 <= index < manifest.get("rows", plan.total):
-        raise SynthgenError(f"index {index} out of range: the dataset has {manifest.get('rows', plan.total)} rows")
+    rows = manifest.get("rows", plan.total)
+    if not 0 <= index < rows:
+        raise SynthgenError(f"index {index} out of range: the dataset has {rows} rows, indices 0..{rows - 1}")
     spec = plan.shard(index // plan.per_shard)
     marker = next((m for m in manifest.get("shards", []) if m.get("file") == spec.filename), None)
     if marker is None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 from synthgen.dataset.folder import CARD, MANIFEST, PLAN_REL
 from synthgen.dataset.read import read_manifest
 from synthgen.dataset.storage import TMP_PREFIX, Store, open_store
-from synthgen.dataset.writer import label_counts
+from synthgen.dataset.writer import label_counts, shard_retried_label_counts
 
 # a row of the card's class table: "| 3 | cat | 1,204 |"
 CARD_CLASS_ROW = re.compile(r"^\| (\d+) \| .* \| ([\d,]+) \|$", re.M)
@@ -114,7 +114,7 @@ def verify_dataset(
             if recorded is not None and recorded != label_counts(labels):
                 report.problems.append(f"{name}: its labels are not the per-class counts the manifest records")
             recorded = entry.get("retried_label_counts")  # absent in folders built before markers held it
-            retried = label_counts(label for label, r in zip(labels, table.column("retries").to_pylist()) if r)
+            retried = shard_retried_label_counts(labels, table.column("retries").to_pylist())
             if recorded is not None and recorded != retried:
                 report.problems.append(f"{name}: its regenerated rows are not the per-class counts the manifest records")
             if labels_seen is not None:

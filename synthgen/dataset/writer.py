@@ -166,6 +166,12 @@ def label_counts(labels: Iterable[Optional[int]]) -> dict[str, int]:
     return {str(label): counts[label] for label in sorted(counts, key=lambda x: (x is None, x))}
 
 
+def shard_retried_label_counts(labels: Sequence[Optional[int]], retries: Sequence[int]) -> dict[str, int]:
+    """Regenerated rows per label id of one shard (a marker's ``retried_label_counts``): the labels
+    of the rows whose ``retries`` is not 0, counted as :func:`label_counts` does."""
+    return label_counts(label for label, r in zip(labels, retries) if r)
+
+
 def retried_label_counts(shards: Iterable[dict[str, Any]]) -> tuple[dict[str, int], int]:
     """Regenerated images per label id over shard markers (or a manifest's ``shards``), summed like
     :func:`label_counts`, and how many regenerated images no marker breaks down by label: markers
@@ -359,7 +365,7 @@ class ShardWriter:
             labels = table.column("label").to_pylist()
             summary["label_counts"] = label_counts(labels)
             # the classes that needed regenerations (black, non-finite, flagged): the card lists the most
-            summary["retried_label_counts"] = label_counts(label for label, r in zip(labels, retries) if r)
+            summary["retried_label_counts"] = shard_retried_label_counts(labels, retries)
         info = {
             "shard": spec.name,
             "file": spec.filename,

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from synthgen.errors import SynthgenError
+from synthgen.errors import MissingSplitError, SynthgenError
 
 __all__ = [
     "ImageTensorDataset",
@@ -227,7 +227,7 @@ def _load_hf_split_quiet(source: str, split: str, revision: str | None, storage_
     if not isinstance(dsd, datasets.DatasetDict):  # pragma: no cover - load_dataset without split gives a dict
         dsd = datasets.DatasetDict({"train": dsd})
     if split not in dsd:
-        raise SynthgenError(f"{source} has no split {split!r}; available: {', '.join(dsd.keys()) or 'none'}")
+        raise MissingSplitError(f"{source} has no split {split!r}; available: {', '.join(dsd.keys()) or 'none'}")
     return dsd[split], resolved, commit
 
 

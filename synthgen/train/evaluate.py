@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from synthgen.errors import SynthgenError
+from synthgen.errors import MissingSplitError, SynthgenError
 from synthgen.provenance import library_versions
 from synthgen.train.batches import resolve_normalization
 from synthgen.train.callbacks import EarlyStopping
@@ -304,8 +304,15 @@ def _resolve_dataset_splits(config: EvalConfig, image_size: int):
         image_size=spec.image_size or image_size,
         require_labels=True,
     )
-    train = load_image_dataset(source, spec.train_split, limit=spec.train_limit, **kw)
-    test = load_image_dataset(source, spec.test_split, limit=spec.test_limit, **kw)
+
+    def load(field: str, limit: int | None):
+        try:
+            return load_image_dataset(source, getattr(spec, field), limit=limit, **kw)
+        except MissingSplitError as exc:  # e.g. a `synthgen build` folder: one train split
+            raise MissingSplitError(f"{exc}; name another with --set dataset.{field}=<split>") from None
+
+    train = load("train_split", spec.train_limit)
+    test = load("test_split", spec.test_limit)
     if train.class_names is not None and test.class_names is not None and test.class_names != train.class_names:
         # each split numbers its own (string) class names: put the test labels in the train split's ids
         test = relabel_by_name(test, train.class_names, what=f"test split {spec.test_split!r}",

@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from synthgen.errors import SynthgenError
+from synthgen.errors import MissingSplitError, SynthgenError
 from synthgen.train.runtime import Runtime
 
 __all__ = ["StreamBatches"]
@@ -242,7 +242,7 @@ class StreamBatches:
                     builder = datasets.load_dataset_builder(path, **({"revision": commit} if commit else {}))
                 files = [str(f) for f in (builder.config.data_files or {}).get(split, [])]
                 if not files:
-                    raise SynthgenError(f"{source} has no split {split!r}; available: {', '.join(builder.config.data_files or {}) or 'none'}")
+                    raise MissingSplitError(f"{source} has no split {split!r}; available: {', '.join(builder.config.data_files or {}) or 'none'}")
                 if not all(f.endswith(".parquet") for f in files):
                     raise SynthgenError(f"{source}[{split}]: streaming reads parquet shards; these are not: {files[0]} ...")
                 features = builder.info.features
