@@ -516,6 +516,24 @@ def test_a_dataset_without_a_test_split_names_the_setting_that_picks_one(tmp_pat
     assert rc == 0 and "on 60 test images" in out
 
 
+def test_pretrain_on_a_missing_split_names_the_setting_that_picks_one(tmp_path, cifar_shards, capsys):
+    """Pre-training reads dataset.split (decoded or streamed) or each mixture source's split: a missing
+    one is one line that says which setting picks another, and nothing is written."""
+    folder = cifar_shards(tmp_path / "train-only", [60])
+    base = ["pretrain", "rotation-vit-demo", "--set", f"dataset.source={folder}", "--set", "dataset.split=validation",
+            "--set", "schedule.max_steps=1", "-q"]
+    missing = f"error: {folder} has no split 'validation'; available: train"
+    for extra in ([], ["--set", "dataset.stream=true"]):
+        out = tmp_path / f"run{len(extra)}"
+        rc, _, err = _run_cli([*base, *extra, "--out", str(out)], capsys)
+        assert rc == 1 and err.splitlines() == [f"{missing}; name another with --set dataset.split=<split>"], err
+        assert not out.exists() or not any(out.iterdir())
+    sources = f"dataset.sources=[{{source: {CIFAR10}, size: 10}}, {{source: {folder}, split: validation}}]"
+    rc, _, err = _run_cli(["pretrain", "rotation-vit-demo", "--set", "dataset.source=null", "--set", "dataset.limit=null",
+                           "--set", sources, "--set", "schedule.max_steps=1", "-q", "--out", str(tmp_path / "mix")], capsys)
+    assert rc == 1 and err.splitlines() == [f"{missing}; set `split` of dataset.sources[1] in the recipe"], err
+
+
 def _string_label_copy(root: Path, n_train: int, n_test: int, rename: dict | None = None) -> tuple[Path, Path]:
     """Two Hub-layout copies of the first CIFAR-10 rows, the test split without airplanes: one with
     the ClassLabel column, one with the class NAMES as plain strings (``rename`` changes some test names)."""

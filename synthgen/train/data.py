@@ -142,6 +142,15 @@ def quiet_datasets():
         enable_progress_bars()
 
 
+@contextlib.contextmanager
+def naming_split_setting(hint: str):
+    """A missing split's one-line error ends with ``hint``: the recipe setting that picks another."""
+    try:
+        yield
+    except MissingSplitError as exc:
+        raise MissingSplitError(f"{exc}; {hint}") from None
+
+
 def _check_local_folder(p: Path, source: str) -> None:
     """A folder ``synthgen build`` is still writing is not a dataset yet (its finished shards are a
     part of it), and a folder that holds several builds is not one dataset: ``load_dataset`` would

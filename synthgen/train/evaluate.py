@@ -38,14 +38,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from synthgen.errors import MissingSplitError, SynthgenError
+from synthgen.errors import SynthgenError
 from synthgen.provenance import library_versions
 from synthgen.train.batches import resolve_normalization
 from synthgen.train.callbacks import EarlyStopping
 from synthgen.train.checkpoint import load_checkpoint as _load_checkpoint, load_model_state
 from synthgen.train.classify import TrainConfig, evaluate_classifier, train_classifier
 from synthgen.train.config import EvalConfig, ModelSpec, resolve_source
-from synthgen.train.data import to_float
+from synthgen.train.data import naming_split_setting, to_float
 from synthgen.train.pretrain import CHECKPOINT_KIND, progress_bar
 from synthgen.train.runtime import Runtime
 
@@ -306,10 +306,8 @@ def _resolve_dataset_splits(config: EvalConfig, image_size: int):
     )
 
     def load(field: str, limit: int | None):
-        try:
+        with naming_split_setting(f"name another with --set dataset.{field}=<split>"):  # a build has only train
             return load_image_dataset(source, getattr(spec, field), limit=limit, **kw)
-        except MissingSplitError as exc:  # e.g. a `synthgen build` folder: one train split
-            raise MissingSplitError(f"{exc}; name another with --set dataset.{field}=<split>") from None
 
     train = load("train_split", spec.train_limit)
     test = load("test_split", spec.test_limit)

@@ -195,7 +195,7 @@ def _resume_key(config: PretrainConfig) -> str:
 # --------------------------------------------------------------------------------------------------
 def load_pretrain_dataset(config: PretrainConfig, runtime: Runtime | None = None):
     """``(dataset, rows per source)``: an ImageTensorDataset, or a StreamBatches with ``dataset.stream``."""
-    from synthgen.train.data import load_image_dataset
+    from synthgen.train.data import load_image_dataset, naming_split_setting
     from synthgen.train.sources import load_mixture
 
     spec = config.dataset
@@ -210,12 +210,14 @@ def load_pretrain_dataset(config: PretrainConfig, runtime: Runtime | None = None
 
         if isinstance(config.objective, StableRepObjective):
             raise SynthgenError("dataset.stream does not serve stablerep (its batches pick images by caption); decode the split instead")
-        stream = StreamBatches(resolve_source(spec.source), spec.split, runtime or Runtime.create(config.device), revision=spec.revision,
-                               image_column=spec.image_column, image_size=size, num_workers=spec.num_workers,
-                               seed=config.seed, limit=spec.limit, labels=False)
+        with naming_split_setting("name another with --set dataset.split=<split>"):
+            stream = StreamBatches(resolve_source(spec.source), spec.split, runtime or Runtime.create(config.device),
+                                   revision=spec.revision, image_column=spec.image_column, image_size=size,
+                                   num_workers=spec.num_workers, seed=config.seed, limit=spec.limit, labels=False)
         return stream, None
-    ds = load_image_dataset(resolve_source(spec.source), spec.split, revision=spec.revision, image_column=spec.image_column,
-                            label_column=spec.label_column, group_column=group_column, image_size=size, limit=spec.limit)
+    with naming_split_setting("name another with --set dataset.split=<split>"):
+        ds = load_image_dataset(resolve_source(spec.source), spec.split, revision=spec.revision, image_column=spec.image_column,
+                                label_column=spec.label_column, group_column=group_column, image_size=size, limit=spec.limit)
     return ds, None
 
 

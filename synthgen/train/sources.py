@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from synthgen.errors import SynthgenError
-from synthgen.train.data import ImageTensorDataset, load_image_dataset
+from synthgen.train.data import ImageTensorDataset, load_image_dataset, naming_split_setting
 
 __all__ = ["load_mixture", "concat_datasets"]
 
@@ -69,11 +69,12 @@ def load_mixture(specs, *, image_size: int | None, group_column: str | None = No
 
     parts, rows = [], []
     for i, spec in enumerate(specs):
-        ds = load_image_dataset(
-            resolve_source(spec.source), spec.split, revision=spec.revision, image_column=spec.image_column,
-            label_column=spec.label_column, group_column=spec.group_column or group_column, image_size=image_size,
-            require_labels=require_labels,
-        )
+        with naming_split_setting(f"set `split` of dataset.sources[{i}] in the recipe"):
+            ds = load_image_dataset(
+                resolve_source(spec.source), spec.split, revision=spec.revision, image_column=spec.image_column,
+                label_column=spec.label_column, group_column=spec.group_column or group_column,
+                image_size=image_size, require_labels=require_labels,
+            )
         n = len(ds)
         want = n
         if spec.size is not None:
