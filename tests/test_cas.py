@@ -446,3 +446,26 @@ def test_lomurno_protocol_trains_with_keras_epsilon_and_initialisers(monkeypatch
     he = (2 / (128 * 9)) ** 0.5
     assert conv.abs().max() <= 2 * he / 0.87962566103423978 and abs(conv.std().item() / he - 1) < 0.01
     assert all(bool((m.bias == 0).all()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_cas_reads_the_real_splits_it_is_told(tmp_path, cifar_rows, cifar_shards, capsys):
+    """A real set without a test split (ImageNet's test split has no labels; here a train-only copy of
+    CIFAR-10) is one line that names the options; --real-test-split scores on the split given, and the
+    result records which splits were read."""
+    syn = write_folder(tmp_path / "syn", cifar_rows, PERMUTED, n=300)
+    real = cifar_shards(tmp_path / "real-train-only", [700])
+    out = tmp_path / "res.json"
+    rc, _, err = run_cli(["cas", str(syn), "--real", str(real), "--output", str(out), *FAST], capsys)
+    assert rc == 1 and err.splitlines() == [
+        f"error: {real} has no split 'test'; available: train; choose the splits with --split, --real-split and "
+        "--real-test-split"], err
+    assert not out.exists()
+    rc, _, err = run_cli(["cas", str(syn), "--real", str(real), "--real-test-split", "train", "--output", str(out),
+                          "--worst-classes", "0", *FAST], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    assert res["real"]["train"]["split"] == "train" and res["real"]["test"]["split"] == "train"
+    assert res["runs"][0]["n_test"] == 200  # limit_real_test of the small protocol
+    rc, _, err = run_cli(["cas", str(syn), "--real", str(real), "--real-split", "validation", "--output", str(out),
+                          *FAST], capsys)
+    assert rc == 1 and "has no split 'validation'; available: train; choose the splits with" in err, err

@@ -55,6 +55,8 @@ def cas(
     split: str = typer.Option("train", "--split", help="Split of the synthetic dataset."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (tag, branch, commit) of the synthetic dataset."),
     real_revision: Optional[str] = typer.Option(None, "--real-revision", help="Hub revision of the real dataset."),
+    real_split: str = typer.Option("train", "--real-split", help="Split of the real dataset that the baseline fits and validates on."),
+    real_test_split: str = typer.Option("test", "--real-test-split", help="Split of the real dataset that scores every classifier (e.g. validation for ImageNet, whose test split has no labels)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch [default: torch's choice]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result JSON [default: <synthetic folder>/cas/cas-<real>-seed<seed>.json when that folder is writable, else ./cas-<real>-seed<seed>.json]."),
@@ -71,6 +73,7 @@ def cas(
     """
     from synthgen.provenance import write_json
     from synthgen.train.cas import cas_score, class_gaps_table, load_cas_protocol, results_table
+    from synthgen.train.data import naming_split_setting
 
     proto, info = load_cas_protocol(protocol, list(set_ or []))
     scale_list = parse_scales(scales)
@@ -78,11 +81,13 @@ def cas(
         import torch
 
         torch.set_num_threads(threads)
-    result = cas_score(
-        synthetic, real, proto, seed, scale_list, protocol_info=info,
-        synthetic_split=split, synthetic_revision=revision, real_revision=real_revision,
-        device=device, use_cache=not no_cache, quiet=quiet, console=err_console,
-    )
+    with naming_split_setting("choose the splits with --split, --real-split and --real-test-split"):
+        result = cas_score(
+            synthetic, real, proto, seed, scale_list, protocol_info=info,
+            synthetic_split=split, synthetic_revision=revision, real_revision=real_revision,
+            real_train_split=real_split, real_test_split=real_test_split,
+            device=device, use_cache=not no_cache, quiet=quiet, console=err_console,
+        )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports and writes
     if result["missing_classes"]:
