@@ -214,11 +214,12 @@ def test_prompts_past_the_last_image_is_one_line(capsys):
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["198", "199"]
 
 
-def test_a_broken_recipe_file_does_not_hide_the_others(tmp_path, capsys):
+def test_a_broken_recipe_file_does_not_hide_the_others(tmp_path, monkeypatch, capsys):
     """`recipes list` lists every recipe that loads, marks the one that does not, prints its error
     and exits 1; each row's description is its first sentence."""
     mine = tmp_path / "mine"
     mine.mkdir()
+    monkeypatch.setenv("SYNTHGEN_RECIPES", "")  # --recipes sets it in this process: restored after the test
     (mine / "broken.yaml").write_text("name: [oops\n")
     rc = main(["--recipes", str(mine), "recipes", "list"])
     out, err = capsys.readouterr()
@@ -247,7 +248,7 @@ def test_user_recipe_folders(tmp_path, monkeypatch, capsys):
     mine.mkdir()
     recipe = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
     (mine / "tiny.yaml").write_text(yaml.safe_dump({**recipe, "name": "tiny", "count": 7}))
-    monkeypatch.delenv("SYNTHGEN_RECIPES", raising=False)
+    monkeypatch.setenv("SYNTHGEN_RECIPES", "")  # no folders; --recipes below sets it, restored after the test
     _one_error_line(capsys, ["recipes", "show", "tiny"], code=1)
     assert main(["--recipes", str(mine), "recipes", "show", "tiny"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["count"] == 7
