@@ -197,8 +197,6 @@ def recipes_list() -> None:
     A recipe file that does not load is listed with its error (and the exit status is 1); the
     others are listed as usual. `synthgen recipes show NAME` prints a whole recipe.
     """
-    import re
-
     from synthgen.errors import SynthgenError
     from synthgen.paths import RECIPES_DIR
     from synthgen.recipe import load_recipe, recipe_files

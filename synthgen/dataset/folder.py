@@ -106,7 +106,8 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k, KeyError) != b.get(k, KeyError) or type(a.get(k)) is not type(b.get(k)))
 
 
-def _shown(keys: list[str]) -> str:
+def shown_keys(keys: list[str]) -> str:
+    """The first five of ``keys`` and how many more, for a one-line message."""
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
@@ -158,7 +159,7 @@ def _inspect_folder(store: Store, recipe: Recipe, overwrite: bool) -> tuple[str,
         if old == new and stored.get("plan") == ShardPlan(recipe.count, recipe.output.images_per_shard, recipe.output.split).to_dict():
             return "resume", stored
         keys = changed_keys(old, new)
-        problem = (f"differs in: {_shown(keys)}" if keys else
+        problem = (f"differs in: {shown_keys(keys)}" if keys else
                    f"its plan file {PLAN_REL} was edited (its shard plan does not match its recipe)")
     if overwrite:
         return "overwrite", stored

@@ -155,7 +155,7 @@ def _check_local_folder(p: Path, source: str) -> None:
     """A folder ``synthgen build`` is still writing is not a dataset yet (its finished shards are a
     part of it), and a folder that holds several builds is not one dataset: ``load_dataset`` would
     read every parquet file below it as one split."""
-    from synthgen.dataset.folder import MANIFEST
+    from synthgen.dataset.folder import MANIFEST, shown_keys
     from synthgen.dataset.read import refuse_unfinished
 
     if (p / MANIFEST).is_file():
@@ -164,8 +164,7 @@ def _check_local_folder(p: Path, source: str) -> None:
     nested = sorted({m.parent.relative_to(p).as_posix() for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}")
                      for m in p.glob(pattern)})
     if nested:
-        shown = ", ".join(nested[:5]) + (f" and {len(nested) - 5} more" if len(nested) > 5 else "")
-        raise SynthgenError(f"{source} is not one dataset: it holds the synthgen builds {shown}; name one of them")
+        raise SynthgenError(f"{source} is not one dataset: it holds the synthgen builds {shown_keys(nested)}; name one of them")
 
 
 def _load_hf_split(source: str, split: str, revision: str | None, storage_options: dict | None = None):

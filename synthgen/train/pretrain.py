@@ -140,9 +140,8 @@ def make_optimizer(spec, model: nn.Module, images_per_batch: int) -> torch.optim
 
 
 def progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     # on stderr, as the build's: stdout keeps the results (and stays clean when redirected)
     return Progress(
@@ -153,15 +152,13 @@ def progress_bar(enabled: bool):
 
 def _config_change(state: dict, config: PretrainConfig) -> str:
     """`` (differs in: a.b, c)``: the settings that keep ``config`` from resuming ``state``'s run."""
-    from synthgen.dataset.folder import changed_keys
+    from synthgen.dataset.folder import changed_keys, shown_keys
 
     try:
         keys = changed_keys(json.loads(state["resume_key"]), json.loads(_resume_key(config)))
     except (KeyError, TypeError, ValueError):  # a checkpoint without a readable key: say nothing more
         return ""
-    if not keys:
-        return ""
-    return f" (differs in: {', '.join(keys[:5])}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''})"
+    return f" (differs in: {shown_keys(keys)})" if keys else ""
 
 
 # what a checkpoint write leaves in its folder (``<name>.tmp<pid>`` while it writes), and evaluate's reports
