@@ -29,14 +29,18 @@ pipeline, against float32 and against the row before. Every stage checks the tim
 (``--budget-s``), a failing measurement is recorded as a one-line error, and the JSON is rewritten
 after each step, so a run cut short keeps what it measured.
 
-The ``variants`` stage (not in the default ``--stages``; it runs last) measures candidate speed-ups
+The ``attention`` stage (not in the default ``--stages``) records every SDPA call of one eager UNet
+forward and times those calls under each fused backend (flash, memory-efficient, cuDNN): attention's
+share of the UNet's time, and whether a backend other than SDPA's own choice is faster. The
+``variants`` stage (not in the default ``--stages``; it runs last) measures candidate speed-ups
 that are not engine settings yet (``VARIANTS``: cuDNN autotuning, CUDA graphs, diffusers' inductor
-tuning), each alone against the engine as it is at one batch, with its images/s, speed-up and pixel
-difference, so that a GPU session can choose which to make a setting.
+tuning, cuDNN attention first), each alone against the engine as it is at one batch, with its
+images/s, speed-up and pixel difference, so that a GPU session can choose which to make a setting.
 
     python benchmarks/bench_sd.py --device cuda                 # 512 px, steps 25,50, batch 32,16,8,1
     python benchmarks/bench_sd.py --device cpu --size 64 --steps 2 --batches 2,1 --pixel-batch 2
     python benchmarks/bench_sd.py --device cuda --stages table,variants --batches 8,1 --variant-batch 16
+    python benchmarks/bench_sd.py --device cuda --stages attention,variants --batches 16 --variants cudnn-attention
 """
 
 from __future__ import annotations
@@ -386,7 +390,18 @@ VARIANTS = {
     "cuda-graphs": "UNet and VAE decoder compiled with mode='reduce-overhead' (CUDA graphs), batch dimension dynamic",
     "inductor-tuning": ("diffusers' torch.compile recipe: inductor conv_1x1_as_mm, coordinate-descent tuning "
                         "(all directions), no epilogue fusion"),
+    "cudnn-attention": "SDPA prefers cuDNN's fused attention (then flash, then memory-efficient) while compiling and running",
 }
+
+
+@contextlib.contextmanager
+def preferring_cudnn_attention():
+    """SDPA's backend order with cuDNN first; the others stay as fallbacks for shapes cuDNN refuses."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
 
 
 @contextlib.contextmanager
@@ -404,6 +419,9 @@ def variant_state(name: str):
 
         with inductor.patch({"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
                              "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}):
+            yield
+    elif name == "cudnn-attention":
+        with preferring_cudnn_attention():
             yield
     else:
         yield
@@ -457,6 +475,80 @@ def speed_variants(names: list[str], engine: "Engine", make_engine, engine_cfg: 
         except Exception as exc:
             error(f"variant {name}", exc)
         save()
+
+
+# ------------------------------------------------------------------------------------------------
+# attention: SDPA's share of a UNet forward, and each fused backend on the same calls
+# ------------------------------------------------------------------------------------------------
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+
+
+def attention_profile(unet, batch: int, size: int, text_dim: int, device: str, repeats: int = 3) -> dict:
+    """Record every ``scaled_dot_product_attention`` call of one guided UNet forward (``2 * batch`` rows,
+    eager), then time those same calls under each fused backend alone, against the forward's time.
+
+    Attention is ~16% of SD 1.5's UNet FLOPs but runs at head dims 40-160, where fused kernels are
+    least efficient; this says how much of the UNet's time it takes and whether another backend is
+    faster (a candidate for the ``cudnn-attention`` variant), without a compile.
+    """
+    import torch.nn.functional as F
+
+    dtype = next(unet.parameters()).dtype
+    latents = torch.randn(2 * batch, unet.config.in_channels, size // 8, size // 8, device=device, dtype=dtype)
+    text = torch.randn(2 * batch, 77, text_dim, device=device, dtype=dtype)
+    timestep = torch.tensor(500, device=device)
+    shapes: dict[tuple, int] = {}
+    original = F.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        shape = (tuple(query.shape), tuple(key.shape))
+        shapes[shape] = shapes.get(shape, 0) + 1
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = recording  # diffusers' processors look it up on F at call time
+    try:
+        with torch.inference_mode():
+            unet(latents, timestep, text)
+    finally:
+        F.scaled_dot_product_attention = original
+    if not shapes:
+        raise RuntimeError("the UNet made no scaled_dot_product_attention call (attention processor not SDPA)")
+    with torch.inference_mode():
+        forward_s = statistics.median(timed(lambda: unet(latents, timestep, text), device) for _ in range(repeats))
+    flop = sum(n * 4 * q[0] * q[1] * q[2] * k[2] * q[3] for (q, k), n in shapes.items())  # QK^T and AV
+    tensors = [((torch.randn(q, device=device, dtype=dtype), torch.randn(k, device=device, dtype=dtype),
+                 torch.randn(k[:-1] + (q[-1],), device=device, dtype=dtype)), n) for (q, k), n in shapes.items()]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    default = {}
+    if device.startswith("cuda"):  # which backend SDPA picks by itself for each shape
+        try:
+            default = {f"{list(q)} x {list(k)}": SDPBackend(torch._fused_sdp_choice(*qkv)).name
+                       for ((q, k), _), (qkv, _) in zip(shapes.items(), tensors)}
+        except Exception as exc:  # a private helper: its absence must not cost the measurement
+            default = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+    def replay():
+        for (q, k, v), n in tensors:
+            for _ in range(n):
+                original(q, k, v)
+
+    backends = []
+    for name in SDPA_BACKENDS:
+        try:
+            with torch.inference_mode(), sdpa_kernel([getattr(SDPBackend, name)]):
+                replay()
+                seconds = statistics.median(timed(replay, device) for _ in range(repeats))
+            backends.append({"backend": name, "seconds_per_forward": round(seconds, 5),
+                             "tflops": round(flop / seconds / 1e12, 1),
+                             "share_of_eager_forward": round(seconds / forward_s, 3)})
+        except Exception as exc:  # a backend this card or these shapes do not support
+            backends.append({"backend": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"})
+        print(f"  attention {name}: {backends[-1]}", flush=True)
+    return {"batch": batch, "unet_rows": 2 * batch, "eager_unet_forward_s": round(forward_s, 4),
+            "attention_gflop_per_forward": round(flop / 1e9, 3),
+            "calls": [{"query": list(q), "key": list(k), "count": n} for (q, k), n in shapes.items()],
+            "default_backend": default, "backends": backends}
 
 
 def dtype_name(dtype) -> str:
@@ -532,7 +624,7 @@ def main() -> None:
     ap.add_argument("--build-writers", default="pipelined,serial",
                     help="output.writer of each build, the first one reported as the build rate")
     ap.add_argument("--stages", default="table,pixels,build",
-                    help="any of table, pixels, build, variants (variants runs last: it resets torch.compile)")
+                    help="any of table, pixels, build, attention, variants (variants runs last: it resets torch.compile)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="candidate speed-ups measured by the variants stage: " + ", ".join(VARIANTS))
     ap.add_argument("--variant-batch", type=int, default=None, help="batch of the variants stage [the largest batch]")
@@ -549,10 +641,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     args.pixel_steps = args.pixel_steps or steps_list[0]
     stages = set(args.stages.split(","))
-    unknown = sorted(stages - {"table", "pixels", "build", "variants"}) + [
+    unknown = sorted(stages - {"table", "pixels", "build", "attention", "variants"}) + [
         v for v in args.variants.split(",") if "variants" in stages and v not in VARIANTS]
     if unknown:
-        ap.error(f"unknown stage or variant {unknown}: stages are table, pixels, build, variants; "
+        ap.error(f"unknown stage or variant {unknown}: stages are table, pixels, build, attention, variants; "
                  f"variants are {', '.join(VARIANTS)}")
     base_dtype = getattr(torch, args.base_dtype) if args.base_dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     budget = Budget(args.budget_s)
@@ -583,7 +675,7 @@ def main() -> None:
                      "scheduler": "ddim", "repeats": args.repeats, "plain_dtype": dtype_name(base_dtype),
                      "engine_config": engine_cfg.model_dump(mode="json")},
         "setup_s": round(time.perf_counter() - started, 1),
-        "table": [], "pixels": [], "build": None, "variants": [], "skipped": [], "errors": [],
+        "table": [], "pixels": [], "build": None, "attention": None, "variants": [], "skipped": [], "errors": [],
     }
     print(f"{card['name']}: limit {limit_tflops} TFLOP/s; FLOPs per call {result['flops_per_call']}; "
           f"setup {result['setup_s']}s", flush=True)
@@ -672,6 +764,22 @@ def main() -> None:
         save()
     elif "pixels" in stages:
         result["skipped"].append("pixels: time")
+    if "attention" in stages and budget.left() > 20:
+        batch = args.variant_batch or max(batches)
+        print(f"attention: SDPA calls of one UNet forward at batch {batch}, eager, each fused backend", flush=True)
+        try:
+            cfg = engine_cfg.model_copy(update={"compile": False})
+            loaded = prepare_pipeline(pipeline_of(master, resolve_dtype(cfg.dtype, device)), cfg, revision="random")
+            result["attention"] = attention_profile(loaded.pipe.unet, batch, args.size,
+                                                    master["text_encoder"].config.hidden_size, device)
+            result["attention"]["engine_provenance"] = loaded.provenance()
+            loaded = None
+            free()
+        except Exception as exc:
+            error("attention", exc)
+        save()
+    elif "attention" in stages:
+        result["skipped"].append("attention: time")
     if "variants" in stages and budget.left() > 60:
         batch = args.variant_batch or max(batches)
         print(f"speed variants: batch {batch}, {steps_list[0]} steps", flush=True)

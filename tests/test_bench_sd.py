@@ -99,3 +99,37 @@ def test_bench_sd_refuses_an_unknown_stage_or_variant(monkeypatch, capsys):
         else:
             raise AssertionError(f"{extra} was accepted")
         assert "unknown stage or variant" in capsys.readouterr().err
+
+
+def test_bench_sd_attention_stage_times_every_sdpa_call_of_a_unet_forward(tmp_path, monkeypatch, tiny_pipeline_path):
+    """The attention stage records each SDPA call of one guided UNet forward (one per attention module,
+    with the latent and text shapes), times them under each fused backend (a CPU has flash only: the
+    others are one-line errors, not a failed run), and the cudnn-attention variant leaves SDPA's
+    backend switches as they were."""
+    from diffusers.models.attention_processor import Attention
+
+    bench = _bench()
+    out = tmp_path / "attention.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_sd.py", "--arch", "tiny", "--device", "cpu", "--size", "64", "--steps", "1", "--batches", "2",
+        "--repeats", "1", "--pixel-batch", "1", "--stages", "attention,variants", "--variants", "cudnn-attention",
+        "--out", str(out)])
+    switches = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
+                torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+    before = [f() for f in switches]
+    bench.main()
+    assert [f() for f in switches] == before
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    attention = result["attention"]
+    unet = bench.master_components("tiny", "cpu")["unet"]
+    assert sum(c["count"] for c in attention["calls"]) == sum(isinstance(m, Attention) for m in unet.modules())
+    assert {c["query"][0] for c in attention["calls"]} == {4}  # 2 images x (conditional, unconditional)
+    assert {c["key"][2] for c in attention["calls"]} >= {77}  # cross-attention on the 77 text tokens
+    assert attention["attention_gflop_per_forward"] > 0 and attention["eager_unet_forward_s"] > 0
+    backends = {row["backend"]: row for row in attention["backends"]}
+    assert list(backends) == list(bench.SDPA_BACKENDS)
+    assert 0 < backends["FLASH_ATTENTION"]["share_of_eager_forward"] < 1
+    assert "error" in backends["CUDNN_ATTENTION"]  # CUDA's
+    rows = {row["variant"]: row for row in result["variants"]}
+    assert rows["cudnn-attention"]["pixels_vs_engine"] == {"max": 0, "mean": 0.0}  # a CPU keeps its own kernel

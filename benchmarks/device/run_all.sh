@@ -9,11 +9,15 @@
 # the table's batch 8 and 1 rows with a compiled phase breakdown, then candidate speed-ups toward
 # the 60% goal. Stages, in the order given by STAGES (comma-separated):
 #   sd         issue 10: SD 1.5 architecture (random weights) at 512 px, plain diffusers fp16 vs the
-#              engine, bench_sd.py with SD_ARGS [pending: --stages table,variants --batches 8,1
-#              --variant-batch 16: rows 8 and 1, the breakdown at 8, then cuDNN autotuning and CUDA
-#              graphs against the engine at 16]. The whole table: SD_ARGS="--stages table,pixels,build"
-#              (32,16,8,1; two compiles of ~1.5-2 min each, more than one call)
-#   sd-tuning  issue 10: the slowest candidate alone (diffusers' inductor tuning recipe, a full recompile)
+#              engine, bench_sd.py with SD_ARGS [pending: --stages table,attention,variants --batches 8,1
+#              --variant-batch 16: rows 8 and 1, the breakdown at 8, SDPA's share of a UNet forward
+#              and each fused attention backend at 16, then against the engine at 16, cheapest
+#              first: cuDNN autotuning, cuDNN attention, CUDA graphs, diffusers' inductor tuning (each
+#              but the first a full recompile; what the budget leaves out is recorded as skipped)].
+#              The whole table: SD_ARGS="--stages table,pixels,build" (32,16,8,1; two compiles of
+#              ~1.5-2 min each, more than one call)
+#   sd-tuning  issue 10: the slowest candidate alone (diffusers' inductor tuning recipe, a full
+#              recompile), for when the sd stage's budget skipped it
 #   cas        issue 12 (measured 2026-11-27: 83.24%, 109 s): real CIFAR-10 CAS baseline under
 #              train/cas-lomurno.yaml, bench_cas_baseline.py
 #   classcond  issue 8: stage-1 images/s and peak memory, one tuning trial, H100 projection,
@@ -93,9 +97,9 @@ for stage in ${STAGES//,/ }; do
     sd|sd-tuning)
       small=(); [ -n "${SMALL:-}" ] && small=(--size 64 --steps 2 --repeats 1 --pixel-batch 1)
       if [ "$stage" = sd ]; then
-        args=(${SD_ARGS:---stages table,variants --batches 8,1 --variant-batch 16 --variants cudnn-benchmark,cuda-graphs})
-        [ -n "${SMALL:-}" ] && args=(--stages table,pixels,build,variants --batches 2,1 --variants cudnn-benchmark)
-        seconds=$(cap "${SD_S:-540}")
+        args=(${SD_ARGS:---stages table,attention,variants --batches 8,1 --variant-batch 16 --variants cudnn-benchmark,cudnn-attention,cuda-graphs,inductor-tuning})
+        [ -n "${SMALL:-}" ] && args=(--stages table,pixels,build,attention,variants --batches 2,1 --variants cudnn-benchmark,cudnn-attention)
+        seconds=$(cap "${SD_S:-560}")
       else
         args=(--stages variants --batches 16 --variants inductor-tuning)
         [ -n "${SMALL:-}" ] && args=(--stages variants --batches 2 --variants inductor-tuning)
