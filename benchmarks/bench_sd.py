@@ -421,7 +421,12 @@ def variant_state(name: str):
                              "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}):
             yield
     elif name == "cudnn-attention":
-        with preferring_cudnn_attention():
+        import torch._functorch.config as functorch
+        import torch._inductor.config as inductor
+
+        # the compile caches' keys leave out SDPA's backend order: a cached graph would keep flash
+        with preferring_cudnn_attention(), inductor.patch({"fx_graph_cache": False}), \
+                functorch.patch({"enable_autograd_cache": False}):
             yield
     else:
         yield
@@ -631,8 +636,13 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
                     help="engine GeneratorConfig override, e.g. compile=false (repeatable)")
+    ap.add_argument("--prefer-cudnn-attention", action="store_true",
+                    help="the whole run with the cudnn-attention variant's switches (every path, table included)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    process_switches = contextlib.ExitStack()  # held until the process ends
+    if args.prefer_cudnn_attention:
+        process_switches.enter_context(variant_state("cudnn-attention"))
 
     device = args.device
     if device.startswith("cuda") and torch.device(device).index is not None:  # set_device("cuda") raises
@@ -673,6 +683,7 @@ def main() -> None:
         "flops_per_call": {k: round(v / 1e12, 4) for k, v in flops.items()},
         "settings": {"arch": args.arch, "size": args.size, "steps": steps_list, "batches": batches, "guidance": GUIDANCE,
                      "scheduler": "ddim", "repeats": args.repeats, "plain_dtype": dtype_name(base_dtype),
+                     "prefer_cudnn_attention": args.prefer_cudnn_attention,
                      "engine_config": engine_cfg.model_dump(mode="json")},
         "setup_s": round(time.perf_counter() - started, 1),
         "table": [], "pixels": [], "build": None, "attention": None, "variants": [], "skipped": [], "errors": [],
