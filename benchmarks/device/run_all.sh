@@ -1,23 +1,20 @@
 #!/usr/bin/env bash
-# Every pending GPU measurement of the open issues, as one prepared script. Run THERE, through the
-# device tool, after `bash benchmarks/device/prepare.sh` HERE:
+# Every GPU measurement of the issues, as one prepared script. Run THERE, through the device tool,
+# after `bash benchmarks/device/prepare.sh` HERE:
 #   run(command="bash benchmarks/device/run_all.sh", carry=[".whl", ".devdata"], timeout_s=590)
-#   run(command="STAGES=sd-tuning,stream bash benchmarks/device/run_all.sh", carry=[".whl", ".devdata"], timeout_s=420)
-# A session has 15 minutes of device time, start-up included. The default STAGES are what keeps
-# issue 10 open after the H100 session of 2026-11-27 (which measured the table at batch 32 and 16,
-# the build rate, the pixel effects and issue 12's CAS baseline: benchmarks/results/*-h100*.json):
-# the table's batch 8 and 1 rows with a compiled phase breakdown, then candidate speed-ups toward
-# the 60% goal. Stages, in the order given by STAGES (comma-separated):
+# A session has 15 minutes of device time, start-up included. Two H100 sessions (2026-11-27, twice)
+# measured what issues 10 and 12 ask (benchmarks/results/*-h100*.json, benchmarks/device/NOTES.md);
+# the default STAGES are what no session finished: diffusers' inductor tuning recipe against the
+# engine (its compile outlived the budget left to it) and the streamed loader's GPU figures.
+# Stages, in the order given by STAGES (comma-separated):
 #   sd         issue 10: SD 1.5 architecture (random weights) at 512 px, plain diffusers fp16 vs the
-#              engine, bench_sd.py with SD_ARGS [pending: --stages table,attention,variants --batches 8,1
-#              --variant-batch 16: rows 8 and 1, the breakdown at 8, SDPA's share of a UNet forward
-#              and each fused attention backend at 16, then against the engine at 16, cheapest
-#              first: cuDNN autotuning, cuDNN attention, CUDA graphs, diffusers' inductor tuning (each
-#              but the first a full recompile; what the budget leaves out is recorded as skipped)].
-#              The whole table: SD_ARGS="--stages table,pixels,build" (32,16,8,1; two compiles of
-#              ~1.5-2 min each, more than one call)
-#   sd-tuning  issue 10: the slowest candidate alone (diffusers' inductor tuning recipe, a full
-#              recompile), for when the sd stage's budget skipped it
+#              engine, bench_sd.py with SD_ARGS [default: the whole table with the build rate and the
+#              pixel effects, 32,16,8,1; two compiles of ~2 min each, more than one call: pass
+#              e.g. SD_ARGS="--stages table,attention,variants --batches 8,1 --variant-batch 16"
+#              (the second session's call: rows 8 and 1, the compiled breakdown, SDPA's backends,
+#              then cuDNN autotuning, cuDNN attention, CUDA graphs and inductor tuning at 16)]
+#   sd-tuning  issue 10: the slowest candidate alone (diffusers' inductor tuning recipe: the engine's
+#              compile, then a full recompile with coordinate-descent tuning)
 #   cas        issue 12 (measured 2026-11-27: 83.24%, 109 s): real CIFAR-10 CAS baseline under
 #              train/cas-lomurno.yaml, bench_cas_baseline.py
 #   classcond  issue 8: stage-1 images/s and peak memory, one tuning trial, H100 projection,
@@ -34,7 +31,7 @@
 #   bash benchmarks/device/simulate_image.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-STAGES=${STAGES:-sd}
+STAGES=${STAGES:-sd-tuning,stream}
 BUDGET_S=${BUDGET_S:-570}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -97,13 +94,13 @@ for stage in ${STAGES//,/ }; do
     sd|sd-tuning)
       small=(); [ -n "${SMALL:-}" ] && small=(--size 64 --steps 2 --repeats 1 --pixel-batch 1)
       if [ "$stage" = sd ]; then
-        args=(${SD_ARGS:---stages table,attention,variants --batches 8,1 --variant-batch 16 --variants cudnn-benchmark,cudnn-attention,cuda-graphs,inductor-tuning})
+        args=(${SD_ARGS:---stages table,pixels,build})
         [ -n "${SMALL:-}" ] && args=(--stages table,pixels,build,attention,variants --batches 2,1 --variants cudnn-benchmark,cudnn-attention)
         seconds=$(cap "${SD_S:-560}")
       else
         args=(--stages variants --batches 16 --variants inductor-tuning)
         [ -n "${SMALL:-}" ] && args=(--stages variants --batches 2 --variants inductor-tuning)
-        seconds=$(cap "${SD_TUNING_S:-200}")
+        seconds=$(cap "${SD_TUNING_S:-400}")
       fi
       # the bench stops starting measurements 45 s before its budget, and rewrites its JSON after each
       run_stage "$stage" "$seconds" "$PY" benchmarks/bench_sd.py --device "$DEVICE" "${small[@]}" "${args[@]}" \
