@@ -168,3 +168,8 @@ def test_missing_stages_and_epochs_are_one_line(tmp_path, capsys, tiny_pipeline_
         assert main(["classcond", "finetune", "classcond-tiny", *args, "--encoder-epoch", "1"]) == 1
         assert why in one_error_line(capsys)
     assert sorted(p.name for p in run_dir.iterdir()) == ["encoder", "latents.safetensors", "run.json"]
+    # a checkpoint whose weights are gone: one line naming it, no pickle fallback
+    (run_dir / "encoder" / "epoch-0001" / "diffusion_pytorch_model.safetensors").unlink()
+    args = ["--run-dir", str(run_dir), "--set", SOURCE, "--device", "cpu"]
+    assert main(["classcond", "finetune", "classcond-tiny", *args, "--encoder-epoch", "1"]) == 1
+    assert f"cannot load the class encoder checkpoint {run_dir / 'encoder' / 'epoch-0001'}" in one_error_line(capsys)
