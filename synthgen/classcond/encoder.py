@@ -104,12 +104,12 @@ def cross_attention_width(unet) -> int:
 def load_class_encoder(folder) -> "ClassEncoder":
     """The class encoder saved in the checkpoint ``folder`` (safetensors only: a folder without them
     is damaged, never read as a pickle); SynthgenError naming the folder when it cannot be loaded."""
+    from synthgen.classcond.base import _LOAD_ERRORS, _first_line
     from synthgen.generate.embeddings import quiet_diffusers
 
     try:
         with quiet_diffusers():
             return ClassEncoder.from_pretrained(folder, use_safetensors=True)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise SynthgenError(f"cannot load the class encoder checkpoint {folder}: {first}; the checkpoint is "
+    except _LOAD_ERRORS as exc:
+        raise SynthgenError(f"cannot load the class encoder checkpoint {folder}: {_first_line(exc)}; the checkpoint is "
                             "incomplete or damaged (train that stage again in a new run folder)") from None
