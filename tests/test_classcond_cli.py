@@ -168,3 +168,20 @@ def test_missing_stages_and_epochs_are_one_line(tmp_path, capsys, tiny_pipeline_
         assert main(["classcond", "finetune", "classcond-tiny", *args, "--encoder-epoch", "1"]) == 1
         assert why in one_error_line(capsys)
     assert sorted(p.name for p in run_dir.iterdir()) == ["encoder", "latents.safetensors", "run.json"]
+    # a checkpoint whose weights are gone: one line naming it, no pickle fallback
+    (run_dir / "encoder" / "epoch-0001" / "diffusion_pytorch_model.safetensors").unlink()
+    args = ["--run-dir", str(run_dir), "--set", SOURCE, "--device", "cpu"]
+    assert main(["classcond", "finetune", "classcond-tiny", *args, "--encoder-epoch", "1"]) == 1
+    assert f"cannot load the class encoder checkpoint {run_dir / 'encoder' / 'epoch-0001'}" in one_error_line(capsys)
+
+
+def test_gaps_line_names_only_classes_below_the_real_baseline():
+    """`classcond run`'s last line: a class the synthetic classifier scores as well as (or better
+    than) the real one is not 'below the real baseline', so it is not named."""
+    from synthgen.classcond.run import gaps_line
+
+    real = {"cat": 50.0, "dog": 30.0, "frog": 0.0, "ship": 10.0}
+    syn = {"cat": 20.0, "dog": 25.0, "frog": 0.0, "ship": 40.0}
+    cas = {"real_baseline": {"class_top1": real}, "runs": [{"scale": 1, "class_top1": real}, {"scale": 2, "class_top1": syn}]}
+    assert gaps_line(cas) == "final: classes furthest below the real baseline at x2: cat 20.0% (real 50.0%), dog 25.0% (real 30.0%)"
+    assert gaps_line({**cas, "runs": [{"scale": 2, "class_top1": real}]}) == ""

@@ -314,3 +314,32 @@ def test_fanova_without_scikit_learn_is_refused_up_front_and_the_report_still_wr
     assert (tmp_path / "importances.png").stat().st_size > 1000
     ped = param_importances(study, "ped-anova")["importances"]
     assert set(ped) == {"guidance", "steps"} and sum(ped.values()) == pytest.approx(1.0)
+
+
+def test_final_dataset_of_other_settings_is_refused_with_advice_for_this_command(stage1, tmp_path):
+    """The final stage on a run folder whose dataset/ was built with other settings (stage 4 tuned
+    again) says how to redo it in a run folder (not build's --overwrite/--out, which `classcond run`
+    lacks), and leaves tuned.json describing the dataset that is there."""
+    from synthgen.classcond.final import final_stage, save_tuned_pipeline, tuned_settings
+    from synthgen.classcond.generation import final_dataset_recipe
+    from synthgen.classcond.run import finetune_stage
+    from synthgen.dataset.build import build_dataset
+    from synthgen.train.data import load_image_dataset
+
+    run_dir = fresh_run(stage1, tmp_path)
+    r = recipe("unet.epochs=1")
+    finetune_stage(run_dir, r, encoder_epoch=2, device="cpu")
+    for stage, params in (("encoder", {"encoder_epoch": 2}), ("unet", {"encoder_epoch": 2, "unet_epoch": 1})):
+        best = {"params": {"steps": 3, "guidance": 2.0, **params}, "value": 0.5, "trial": 0}
+        (run_dir / f"tune-{stage}").mkdir()
+        (run_dir / f"tune-{stage}" / "best.json").write_text(json.dumps(best))
+    info = json.loads((run_dir / "run.json").read_text())
+    pipeline = save_tuned_pipeline(run_dir, tuned_settings(run_dir))
+    old = final_dataset_recipe(r, pipeline_dir=pipeline, steps=2, guidance=2.0, count=200, class_names=info["class_names"],
+                               resolution=32, stored_size=32, device="cpu")
+    build_dataset(old, run_dir / "dataset", limit=1, progress=False)  # an earlier final dataset: 2 steps
+    train = load_image_dataset(str(CIFAR), "train", limit=200, require_labels=True)
+    with pytest.raises(SynthgenError, match=r"holds recipe 'classcond-tiny-tuned' with other settings \(differs in: "
+                                            r"generator.steps\); remove dataset/ and cas/ from the run folder") as exc:
+        final_stage(run_dir, r, real=(train, TestSplit()), device="cpu", progress=False)
+    assert "--overwrite" not in str(exc.value) and not (run_dir / "tuned.json").exists()

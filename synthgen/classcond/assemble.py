@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from synthgen.classcond.checkpoints import epoch_dir, read_state, require_epoch
-from synthgen.classcond.encoder import ClassEncoder
+from synthgen.classcond.encoder import load_class_encoder
 from synthgen.classcond.finetune import UNET_STAGE, load_unet_epoch
 from synthgen.classcond.pipeline import ClassConditionedPipeline
 from synthgen.classcond.runfolder import RunFolder
@@ -51,7 +51,7 @@ def load_run_pipeline(
             )
         encoder_epoch = trained_with
     encoder_epoch = require_epoch(run.stage_dir(ENCODER_STAGE), encoder_epoch, "encoder")
-    encoder = ClassEncoder.from_pretrained(epoch_dir(run.stage_dir(ENCODER_STAGE), encoder_epoch))
+    encoder = load_class_encoder(epoch_dir(run.stage_dir(ENCODER_STAGE), encoder_epoch))
     base = load_base_components(info["base_model"], revision=info["base_revision"], vae=True)
     if unet_dir is not None:
         load_unet_epoch(base.unet, unet_dir)

@@ -22,7 +22,7 @@ from torch import nn
 
 from synthgen.errors import SynthgenError
 
-__all__ = ["ClassEncoder", "cross_attention_width"]
+__all__ = ["ClassEncoder", "cross_attention_width", "load_class_encoder"]
 
 
 class ClassEncoder(ModelMixin, ConfigMixin):
@@ -99,3 +99,17 @@ def cross_attention_width(unet) -> int:
             raise SynthgenError(f"the base model's UNet uses different cross-attention widths per block ({list(width)})")
         width = width[0]
     return int(width)
+
+
+def load_class_encoder(folder) -> "ClassEncoder":
+    """The class encoder saved in the checkpoint ``folder`` (safetensors only: a folder without them
+    is damaged, never read as a pickle); SynthgenError naming the folder when it cannot be loaded."""
+    from synthgen.classcond.base import _LOAD_ERRORS, _first_line
+    from synthgen.generate.embeddings import quiet_diffusers
+
+    try:
+        with quiet_diffusers():
+            return ClassEncoder.from_pretrained(folder, use_safetensors=True)
+    except _LOAD_ERRORS as exc:
+        raise SynthgenError(f"cannot load the class encoder checkpoint {folder}: {_first_line(exc)}; the checkpoint is "
+                            "incomplete or damaged (train that stage again in a new run folder)") from None

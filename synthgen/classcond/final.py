@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from synthgen.errors import SynthgenError
+from synthgen.errors import OutputFolderError, SynthgenError
 
 __all__ = ["final_stage", "save_tuned_pipeline", "tuned_settings"]
 
@@ -91,14 +91,20 @@ def final_stage(run_dir: str | os.PathLike, recipe, *, real=None, device: Option
     unit = protocol.scale_unit or splits.scale_base
     count = max(f.scales) * unit
     tuned = {**tuned, "scale_unit": unit, "images": count, "scales": f.scales}
-    atomic_write_text(run_dir / "tuned.json", json.dumps(tuned, indent=2) + "\n")
     pipeline_dir = save_tuned_pipeline(run_dir, tuned)
     dataset_recipe = final_dataset_recipe(
         recipe, pipeline_dir=pipeline_dir, steps=tuned["steps"], guidance=tuned["guidance"], count=count,
         class_names=info["class_names"], resolution=info["resolution"], stored_size=splits.train.image_size[0],
         device=device,
     )
-    build = build_dataset(dataset_recipe, run_dir / "dataset", progress=progress)
+    try:
+        build = build_dataset(dataset_recipe, run_dir / "dataset", progress=progress)
+    except OutputFolderError as exc:  # its advice (--overwrite, --out) is build's, not this command's
+        why = str(exc).split("; use --overwrite")[0]
+        raise SynthgenError(f"{why}; remove dataset/ and cas/ from the run folder to make the final datasets "
+                            "again with these settings") from None
+    # written once the dataset folder holds these settings: tuned.json describes dataset/
+    atomic_write_text(run_dir / "tuned.json", json.dumps(tuned, indent=2) + "\n")
     if not build.dataset_complete:
         raise SynthgenError(f"the final dataset in {run_dir / 'dataset'} is not complete (shards left: "
                             f"{', '.join(build.left[:3])}); run the same command again")

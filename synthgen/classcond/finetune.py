@@ -21,7 +21,7 @@ from synthgen.classcond.base import load_base_components
 from synthgen.classcond.checkpoints import epoch_dir, load_module_weights, require_epoch
 from synthgen.classcond.config import UNetStageConfig, validate_config
 from synthgen.classcond.data import run_latents
-from synthgen.classcond.encoder import ClassEncoder
+from synthgen.classcond.encoder import load_class_encoder
 from synthgen.classcond.loop import DenoisingTask, EpochInfo, StageResult, run_stage
 from synthgen.classcond.runfolder import RunFolder
 from synthgen.classcond.train_encoder import ENCODER_STAGE
@@ -100,7 +100,7 @@ def finetune_unet(
             "leave it unset"
         )
     encoder_epoch = require_epoch(run.stage_dir(ENCODER_STAGE), encoder_epoch, "encoder")
-    encoder = ClassEncoder.from_pretrained(epoch_dir(run.stage_dir(ENCODER_STAGE), encoder_epoch))
+    encoder = load_class_encoder(epoch_dir(run.stage_dir(ENCODER_STAGE), encoder_epoch))
     with torch.no_grad():  # one embedding per class: the encoder is fixed
         table = encoder(torch.eye(encoder.config.num_classes)).float()
     base = load_base_components(info["base_model"], revision=info["base_revision"])

@@ -86,8 +86,6 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
     ``say(line)`` is told what each stage did."""
     from synthgen.classcond.final import final_stage
     from synthgen.classcond.tune import tune_stage
-    from synthgen.train.cas import class_gaps
-
     run_dir = Path(run_dir)
     if real is None:
         dataset_source(recipe)  # a missing dataset is one line before anything is written
@@ -118,13 +116,24 @@ def run_classcond(run_dir: str | os.PathLike, recipe, *, real=None, device: Opti
     scales = ", ".join(f"x{r['scale']} {r['top1']:.2f}%" for r in cas["runs"])
     say(f"final: CAS top-1 {scales} (real baseline {cas['real_baseline']['top1']:.2f}%); pipeline {run_dir / 'pipeline'}, "
         f"dataset {run_dir / 'dataset'}, CAS results {run_dir / 'cas'}")
-    gaps = class_gaps(cas, top=5)
-    if gaps:
-        worst = ", ".join(f"{g['class']} {g['synthetic']:.1f}% (real {g['real']:.1f}%)" for g in gaps)
-        say(f"final: classes furthest below the real baseline at x{max(r['scale'] for r in cas['runs'])}: {worst}")
+    below = gaps_line(cas)
+    if below:
+        say(below)
     _mark(run_dir, "final", {"real_top1": cas["real_baseline"]["top1"],
                              "runs": [{"scale": r["scale"], "top1": r["top1"]} for r in cas["runs"]]})
     return cas
+
+
+def gaps_line(cas: dict) -> str:
+    """The line naming the (at most 5) classes furthest below the real baseline at the largest
+    scale; classes at or above it are not below it and are left out ("" when none is below)."""
+    from synthgen.train.cas import class_gaps
+
+    gaps = [g for g in class_gaps(cas, top=None) if g["gap"] > 0][:5]
+    if not gaps:
+        return ""
+    worst = ", ".join(f"{g['class']} {g['synthetic']:.1f}% (real {g['real']:.1f}%)" for g in gaps)
+    return f"final: classes furthest below the real baseline at x{max(r['scale'] for r in cas['runs'])}: {worst}"
 
 
 def _tuned(tuned, number: int):
