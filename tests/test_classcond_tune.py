@@ -241,7 +241,7 @@ me, other = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 def meet(trial):  # each process's first trial waits until the other is in a trial too
     def wait(epoch, metrics):
         me.touch()
-        deadline = time.time() + 120
+        deadline = time.time() + 280  # the other process may still be importing on a loaded machine
         while not other.exists() and time.time() < deadline:
             time.sleep(0.05)
     return [LambdaCallback(wait)]
