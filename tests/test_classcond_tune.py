@@ -263,7 +263,7 @@ def test_two_processes_tune_one_journal_study(stage1, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     procs = [subprocess.Popen([sys.executable, str(script), str(run_dir), str(x), str(y)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for x, y in ((a, b), (b, a))]
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     ran = [int(o[0].split("RAN", 1)[1]) for o in outs]
     storage = JournalStorage(JournalFileBackend(str(run_dir / "tune-encoder" / "study.journal")))
