@@ -457,3 +457,21 @@ def test_an_unknown_key_names_the_known_keys_close_to_it(key, hint):
     with pytest.raises(RecipeError) as info:
         recipe_from_dict(changed(SMALL, **{key: 1}))
     assert str(info.value).endswith(f"{key}: unknown key{hint}"), str(info.value)
+
+
+def test_a_finished_progress_bar_shows_the_whole_runs_rate(monkeypatch, capsys):
+    """4 images after 2 s, 1 more after 8 s: 5 images in 10 s is 0.50 img/s (rich's last window
+    would say 1 image in 8 s, 0.12 img/s)."""
+    import rich.console
+
+    from synthgen.dataset.job import progress_bar
+
+    now = [0.0]
+    monkeypatch.setattr(rich.console, "monotonic", lambda: now[0])
+    with progress_bar(True, "demo", 5) as bar:
+        now[0] = 2.0
+        bar.advance(4)
+        now[0] = 10.0
+        bar.advance(1)
+    shown = capsys.readouterr().err
+    assert "5/5 0.50 img/s" in shown, shown
