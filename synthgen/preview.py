@@ -33,6 +33,9 @@ def read_first_rows(folder: str | Path | Store, n: int, storage_options: Optiona
             with store.open_read(shard) as f:
                 parquet = pq.ParquetFile(f)
                 columns = [c for c in ("image", "index", "prompt", "label") if c in parquet.schema_arrow.names]
+                if "image" not in columns or "index" not in columns:
+                    raise SynthgenError(f"{store.display}/{shard} is not a shard of a synthgen dataset (no image and "
+                                        f"index columns); run `synthgen verify {store.display}`")
                 names = _label_names(parquet.schema_arrow)
                 for batch in parquet.iter_batches(batch_size=n - len(rows), columns=columns):
                     for row in batch.slice(0, n - len(rows)).to_pylist():
@@ -66,7 +69,8 @@ def write_preview(folder: str | Path | Store, out: str | Path, n: int = 16, colu
     index and prompt (its class name when it has no prompt), to the local PNG ``out``."""
     if n <= 0 or columns <= 0 or cell < 32:
         raise SynthgenError("preview needs n > 0, columns > 0 and a cell of at least 32 px")
-    rows = read_first_rows(folder, n, storage_options)
+    store = open_store(folder, storage_options, reading=True)
+    rows = read_first_rows(store, n)
     font = ImageFont.load_default()
     text_h = 44
     grid_rows = -(-len(rows) // columns)
@@ -75,7 +79,11 @@ def write_preview(folder: str | Path | Store, out: str | Path, n: int = 16, colu
     chars = max(8, cell // 6)
     for k, row in enumerate(rows):
         x, y = (k % columns) * cell, (k // columns) * (cell + text_h)
-        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        try:
+            image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        except (OSError, ValueError):  # PIL's errors for broken data are OSErrors, not the disk's
+            raise SynthgenError(f"{store.display}: row {row['index']}'s image does not decode; "
+                                f"run `synthgen verify {store.display}`") from None
         # nearest keeps tiny images (32 px) crisp instead of blurring them
         image = image.resize((cell, cell), Image.NEAREST if image.width < cell // 2 else Image.BICUBIC)
         grid.paste(image, (x, y))

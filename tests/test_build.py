@@ -368,6 +368,32 @@ def test_preview_writes_a_grid(small_dataset, tmp_path):
     assert grid.size[0] == 3 * 64 and grid.size[1] > 2 * 64
 
 
+def test_preview_says_a_damaged_shard_is_damaged(small_dataset, tmp_path, capsys):
+    """A broken image and a foreign parquet in a shard's place: one line pointing to verify (not a
+    "file-system error", not a KeyError traceback), and no PNG."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "ds"
+    shutil.copytree(small_dataset, folder)
+    shard = sorted((folder / "data").iterdir())[0]
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    images[1] = {"bytes": images[1]["bytes"][:40], "path": None}
+    pq.write_table(table.set_column(0, "image", pa.array(images, type=table.schema.field("image").type)), shard)
+    out = tmp_path / "p.png"
+    assert cli_main(["preview", str(folder), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {folder}: row 1's image does not decode; run `synthgen verify {folder}`"
+    pq.write_table(pa.table({"a": [1]}), shard)
+    assert cli_main(["preview", str(folder), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {folder}/data/{shard.name} is not a shard of a synthgen dataset "
+                                               f"(no image and index columns); run `synthgen verify {folder}`")
+    assert not out.exists()
+
+
 def test_preview_and_verify_say_what_a_folder_is(small_dataset, tmp_path, capsys):
     """A build that has not finished a shard, and a shard file given for its folder: one line each."""
     started = tmp_path / "started"
@@ -431,3 +457,21 @@ def test_an_unknown_key_names_the_known_keys_close_to_it(key, hint):
     with pytest.raises(RecipeError) as info:
         recipe_from_dict(changed(SMALL, **{key: 1}))
     assert str(info.value).endswith(f"{key}: unknown key{hint}"), str(info.value)
+
+
+def test_a_finished_progress_bar_shows_the_whole_runs_rate(monkeypatch, capsys):
+    """4 images after 2 s, 1 more after 8 s: 5 images in 10 s is 0.50 img/s (rich's last window
+    would say 1 image in 8 s, 0.12 img/s)."""
+    import rich.console
+
+    from synthgen.dataset.job import progress_bar
+
+    now = [0.0]
+    monkeypatch.setattr(rich.console, "monotonic", lambda: now[0])
+    with progress_bar(True, "demo", 5) as bar:
+        now[0] = 2.0
+        bar.advance(4)
+        now[0] = 10.0
+        bar.advance(1)
+    shown = capsys.readouterr().err
+    assert "5/5 0.50 img/s" in shown, shown

@@ -319,6 +319,18 @@ def test_verify_finds_an_image_that_does_not_decode(copy_of, tmp_path):
     assert report.problems == ["data/train-00002-of-00003.parquet: 1 image(s) do not decode (rows 9)"]
 
 
+def test_verify_reports_a_foreign_parquet_in_a_shards_place(copy_of, capsys):
+    """Another parquet file (without the dataset's columns) under a shard's name is a problem line,
+    not a traceback."""
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"a": [1, 2]}), copy_of / "data/train-00001-of-00003.parquet")
+    assert cli_main(["verify", str(copy_of)]) == 1
+    err = capsys.readouterr().err
+    assert "data/train-00001-of-00003.parquet: not a shard of this dataset (no column image, index," in err
+    assert "Traceback" not in err
+
+
 # --------------------------------------------------------------------------------------------------
 # provenance lives in every marker
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 from synthgen.dataset.folder import CARD, MANIFEST, PLAN_REL
 from synthgen.dataset.read import read_manifest
+from synthgen.dataset.schema import PROVENANCE_COLUMNS
 from synthgen.dataset.storage import TMP_PREFIX, Store, open_store
 from synthgen.dataset.writer import label_counts, shard_retried_label_counts
 
@@ -92,6 +93,12 @@ def verify_dataset(
             table = pq.read_table(pa.BufferReader(data))
         except Exception as exc:  # pyarrow raises several types for a damaged file
             report.problems.append(f"{name}: unreadable parquet ({str(exc).splitlines()[0][:160]})")
+            labels_seen = None
+            continue
+        absent = [c for c in ("image", *PROVENANCE_COLUMNS) if c not in table.column_names
+                  and (c != "label" or class_count is not None)]
+        if absent:  # another parquet file in a shard's place: nothing more to check in it
+            report.problems.append(f"{name}: not a shard of this dataset (no column {', '.join(absent)})")
             labels_seen = None
             continue
         indices = table.column("index").to_pylist()
