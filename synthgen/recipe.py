@@ -312,6 +312,8 @@ def find_recipe_file(
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or is_path_like(text):
         path = Path(text).expanduser()
+        if path.is_dir():
+            raise RecipeError(f"{path} is a folder, not a {what} file (a YAML file, or a {what} name)")
         if not path.is_file():
             raise RecipeError(f"{what} file not found: {path}")
         return path

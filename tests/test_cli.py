@@ -237,7 +237,8 @@ def test_a_recipe_name_is_not_a_folder_in_the_current_directory(tmp_path, monkey
     (tmp_path / "demo").mkdir()
     assert main(["prompts", "demo", "-n", "1", "--tsv"]) == 0
     assert capsys.readouterr().out.startswith("0\t")
-    _one_error_line(capsys, ["prompts", "./demo"], code=1)
+    line = _one_error_line(capsys, ["prompts", "./demo"], code=1)
+    assert "demo is a folder, not a recipe file" in line
     line = _one_error_line(capsys, ["prompts", "demo.yaml"], code=1)
     assert "file not found: demo.yaml" in line
 

@@ -291,6 +291,11 @@ def test_a_stray_shard_file_is_refused(copy_of, loaded, capsys):
     assert cli_main(["verify", str(copy_of)]) == 1
     captured = capsys.readouterr()
     assert "1 problem(s)" in captured.out and "train-00003-of-00004" in captured.err
+    (copy_of / "data/notes.txt").write_text("mine")
+    with pytest.raises(OutputFolderError, match=r"notes.txt and 1 more in .*/data are not shards of this build's plan"):
+        build(tiny(), copy_of, loaded)
+    report = verify_dataset(copy_of)
+    assert "data/notes.txt: not a shard of this dataset (data/ holds shards only)" in report.problems
 
 
 def test_verify_passes_a_good_folder_and_decodes_images(complete, capsys):

@@ -206,8 +206,9 @@ def plan_build(
         if stray:
             more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
             raise OutputFolderError(
-                f"{stray[0].rsplit('/', 1)[-1]}{more} in {store.display}/data is not a shard of this build's plan "
-                f"({plan.num_shards} shards; a stray file would load as extra rows): remove it, or use --overwrite"
+                f"{stray[0].rsplit('/', 1)[-1]}{more} in {store.display}/data {'are' if more else 'is'} not "
+                f"{'shards' if more else 'a shard'} of this build's plan ({plan.num_shards} shards; data/ holds shards "
+                f"only, and a stray parquet file would load as extra rows): remove {'them' if more else 'it'}, or use --overwrite"
             )
         if limit is not None:
             with disk_errors(store.display):

@@ -161,7 +161,8 @@ def _check_data_folder(names: dict[str, int], listed: set, report: VerifyReport)
         if name.startswith(TMP_PREFIX):
             report.notes.append(f"{rel}: a temp file of an interrupted run (the next build removes it)")
         else:
-            report.problems.append(f"{rel}: not a shard of this dataset (it would load as extra rows)")
+            report.problems.append(f"{rel}: not a shard of this dataset (data/ holds shards only"
+                                   + ("; it would load as extra rows)" if name.endswith(".parquet") else ")"))
 
 
 def _check_card(store: Store, manifest: dict, labels: Optional[Counter], report: VerifyReport) -> None:
