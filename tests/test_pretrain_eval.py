@@ -384,6 +384,15 @@ def _run_cli(argv, capsys):
     return rc, out.out, out.err
 
 
+def test_evaluate_refuses_a_checkpoint_and_a_model_together(tmp_path, capsys):
+    """--model would silently replace --checkpoint: the report would score a random network."""
+    argv = ["evaluate", "knn-cifar10", "--checkpoint", str(tmp_path), "--model", "resnet20", "--out", str(tmp_path / "r.json"),
+            "-q", "--set", "dataset.train_limit=20", "--set", "dataset.test_limit=10", "--set", "knn.k=[5]"]
+    rc, _, err = _run_cli(argv, capsys)
+    assert rc == 2 and "give --checkpoint or --model, not both" in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
 @needs_cifar
 def test_crafted_pickle_checkpoint_never_runs(tmp_path, capsys):
     import pickle

@@ -80,6 +80,9 @@ def evaluate(
     from synthgen.train.config import load_eval_config
     from synthgen.train.evaluate import evaluate as run_evaluate, write_report
 
+    if checkpoint is not None and model is not None:
+        # one would silently replace the other: --model alone evaluates a randomly initialised network
+        raise typer.BadParameter("give --checkpoint or --model, not both (--model is a randomly initialised network)")
     if recipe is None:
         if dataset is None or (checkpoint is None and model is None):
             # a usage error (exit status 2), like a missing argument
