@@ -393,6 +393,15 @@ def test_evaluate_refuses_a_checkpoint_and_a_model_together(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_evaluate_refuses_a_folder_as_out_before_evaluating(tmp_path, capsys, monkeypatch):
+    import synthgen.train.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("evaluation started"))
+    argv = ["evaluate", "--dataset", str(tmp_path), "--model", "pixels", "--out", str(tmp_path)]
+    rc, _, err = _run_cli(argv, capsys)
+    assert rc == 1 and err.startswith(f"error: --out {tmp_path} is a folder; give a file path") and "Traceback" not in err
+
+
 @needs_cifar
 def test_crafted_pickle_checkpoint_never_runs(tmp_path, capsys):
     import pickle
