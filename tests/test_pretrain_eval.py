@@ -391,6 +391,9 @@ def test_evaluate_refuses_a_checkpoint_and_a_model_together(tmp_path, capsys):
     rc, _, err = _run_cli(argv, capsys)
     assert rc == 2 and "give --checkpoint or --model, not both" in err and "Traceback" not in err
     assert not (tmp_path / "r.json").exists()
+    # in a recipe or --set too: the checkpoint would win and the model setting be ignored
+    with pytest.raises(RecipeError, match="give either checkpoint or model, not both"):
+        load_eval_config("knn-cifar10", ["model={name: resnet20}"])
 
 
 def test_evaluate_refuses_a_folder_as_out_before_evaluating(tmp_path, capsys, monkeypatch):

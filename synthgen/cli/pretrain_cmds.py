@@ -83,7 +83,7 @@ def evaluate(
     refuse_folder_as_report(out, "--out")
     if checkpoint is not None and model is not None:
         # one would silently replace the other: --model alone evaluates a randomly initialised network
-        raise typer.BadParameter("give --checkpoint or --model, not both (--model is a randomly initialised network)")
+        raise typer.BadParameter("give --checkpoint or --model, not both (--model evaluates that network without a checkpoint)")
     if recipe is None:
         if dataset is None or (checkpoint is None and model is None):
             # a usage error (exit status 2), like a missing argument
