@@ -171,6 +171,15 @@ def test_a_corrupt_image_is_one_line_naming_the_rows_not_a_file_system_error(tmp
     with pytest.raises(SynthgenError, match=r"x.parquet\[train\] rows 0-1: an image cannot be decoded \(.*\): "
                                             r"the data is corrupt; `synthgen verify FOLDER`"):
         load_image_dataset(str(tmp_path / "x.parquet"), "train", cache=False)
+    # streamed: torch re-raises a worker's error with the worker's traceback in the message
+    from synthgen.train.runtime import Runtime
+    from synthgen.train.stream import StreamBatches
+
+    stream = StreamBatches(str(tmp_path / "x.parquet"), "train", Runtime.create("cpu"), num_workers=1)
+    with pytest.raises(SynthgenError) as caught:
+        list(stream.epoch(2, None))
+    assert str(caught.value).startswith(f"{stream.describe()}: an image cannot be decoded (")
+    assert "Traceback" not in str(caught.value) and len(str(caught.value).splitlines()) == 1
 
 
 def test_an_unfinished_build_or_a_folder_of_builds_is_refused(tmp_path, cifar_shards):
