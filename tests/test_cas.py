@@ -249,6 +249,8 @@ def test_bad_inputs_fail_before_training(tmp_path, cifar_rows, capsys, monkeypat
     _expect_error(["cas", "nobody-xyz/no-such-set", "--revision", "v9.9.9", *real], capsys, monkeypatch, "cannot load dataset nobody-xyz/no-such-set at revision 'v9.9.9'")
     _expect_error(["cas", str(good), "--revision", "v1.0.0", *real], capsys, monkeypatch, "revision")
     _expect_error(["cas", str(good), *real, "--set", "compile=fastest"], capsys, monkeypatch, "compile: .*compile must be auto, off")
+    # a folder as --output would fail only after the whole run, losing its results
+    _expect_error(["cas", str(good), *real, "--output", str(tmp_path)], capsys, monkeypatch, r"--output .* is a folder; give a file path")
     rc, out, err = run_cli(["cas", str(good), "--real", str(CIFAR), "--scales", "x", *FAST], capsys)
     assert rc == 1 and "error: --scales" in err
 

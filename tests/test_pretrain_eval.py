@@ -384,6 +384,27 @@ def _run_cli(argv, capsys):
     return rc, out.out, out.err
 
 
+def test_evaluate_refuses_a_checkpoint_and_a_model_together(tmp_path, capsys):
+    """--model would silently replace --checkpoint: the report would score a random network."""
+    argv = ["evaluate", "knn-cifar10", "--checkpoint", str(tmp_path), "--model", "resnet20", "--out", str(tmp_path / "r.json"),
+            "-q", "--set", "dataset.train_limit=20", "--set", "dataset.test_limit=10", "--set", "knn.k=[5]"]
+    rc, _, err = _run_cli(argv, capsys)
+    assert rc == 2 and "give --checkpoint or --model, not both" in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+    # in a recipe or --set too: the checkpoint would win and the model setting be ignored
+    with pytest.raises(RecipeError, match="give either checkpoint or model, not both"):
+        load_eval_config("knn-cifar10", ["model={name: resnet20}"])
+
+
+def test_evaluate_refuses_a_folder_as_out_before_evaluating(tmp_path, capsys, monkeypatch):
+    import synthgen.train.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("evaluation started"))
+    argv = ["evaluate", "--dataset", str(tmp_path), "--model", "pixels", "--out", str(tmp_path)]
+    rc, _, err = _run_cli(argv, capsys)
+    assert rc == 1 and err.startswith(f"error: --out {tmp_path} is a folder; give a file path") and "Traceback" not in err
+
+
 @needs_cifar
 def test_crafted_pickle_checkpoint_never_runs(tmp_path, capsys):
     import pickle

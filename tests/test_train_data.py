@@ -151,6 +151,37 @@ def test_parquet_file_and_mixed_sizes(tmp_path):
         load_image_dataset(str(path), "train", image_size=16, require_labels=True)
 
 
+def test_a_corrupt_image_is_one_line_naming_the_rows_not_a_file_system_error(tmp_path):
+    """PIL's error for undecodable bytes is an OSError, which the CLI would report as a
+    file-system error; it is the data that is corrupt, and the message says how to check it."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from synthgen.train.data import load_image_dataset
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(png, format="PNG")
+    cells = [{"bytes": png.getvalue(), "path": None}, {"bytes": png.getvalue()[:40], "path": None}]
+    ds = datasets.Dataset.from_dict({"image": cells, "label": [0, 1]},
+                                    features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    ds.to_parquet(str(tmp_path / "x.parquet"))
+    with pytest.raises(SynthgenError, match=r"x.parquet\[train\] rows 0-1: an image cannot be decoded \(.*\): "
+                                            r"the data is corrupt; `synthgen verify FOLDER`"):
+        load_image_dataset(str(tmp_path / "x.parquet"), "train", cache=False)
+    # streamed: torch re-raises a worker's error with the worker's traceback in the message
+    from synthgen.train.runtime import Runtime
+    from synthgen.train.stream import StreamBatches
+
+    stream = StreamBatches(str(tmp_path / "x.parquet"), "train", Runtime.create("cpu"), num_workers=1)
+    with pytest.raises(SynthgenError) as caught:
+        list(stream.epoch(2, None))
+    assert str(caught.value).startswith(f"{stream.describe()}: an image cannot be decoded (")
+    assert "Traceback" not in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
 def test_an_unfinished_build_or_a_folder_of_builds_is_refused(tmp_path, cifar_shards):
     """A build folder whose manifest is not written yet holds only some shards, and a folder holding
     several builds would be read as one split of all their shards: both are one line, not data."""
@@ -170,6 +201,22 @@ def test_an_unfinished_build_or_a_folder_of_builds_is_refused(tmp_path, cifar_sh
                                             r"nested/second; name one of them"):
         load_image_dataset(str(builds), "train", cache=False)
     assert len(load_image_dataset(str(second), "train", cache=False)) == 4
+
+
+def test_a_folder_whose_shards_differ_from_its_card_says_how_to_find_the_difference(tmp_path, cifar_shards):
+    """A shard removed from (or added to) a finished build makes `datasets` raise its split-size
+    check with two SplitInfo reprs; the user learns what happened and which command finds it."""
+    from synthgen.train.data import load_image_dataset
+
+    folder = cifar_shards(tmp_path / "build", [6, 6])
+    (folder / "synthgen_manifest.json").write_text("{}")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*.parquet\n"
+        "dataset_info:\n  splits:\n  - name: train\n    num_examples: 18\n---\n"
+    )
+    with pytest.raises(SynthgenError, match=r"build: its shards do not hold the rows its dataset card \(README.md\) "
+                                            r"records: .*`synthgen verify .*build` names what differs$"):
+        load_image_dataset(str(folder), "train", cache=False)
 
 
 @needs_cifar

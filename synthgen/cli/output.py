@@ -7,8 +7,12 @@ row stays whole); on a terminal rich wraps to the window as usual.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Optional
 
 from rich.console import Console
+
+from synthgen.errors import SynthgenError
 
 # Wide enough for any line we print; tables still size to their content.
 PIPE_WIDTH = 10_000
@@ -28,3 +32,10 @@ def write_plain(text: str) -> None:
     """Text that must reach stdout byte for byte (YAML, TSV): no markup, no wrapping."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def refuse_folder_as_report(path: Optional[Path], option: str) -> None:
+    """Check a report file option before the run it reports: a folder there would fail only once
+    the (possibly hours-long) run had finished, losing its results."""
+    if path is not None and path.expanduser().is_dir():
+        raise SynthgenError(f"{option} {path} is a folder; give a file path, e.g. {path / 'report.json'}")

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from synthgen.cli import app
-from synthgen.cli.output import console, err_console
+from synthgen.cli.output import console, err_console, refuse_folder_as_report
 
 
 PRETRAIN_SET_HELP = "Override a recipe field, e.g. --set optimizer.lr=3e-4 (repeatable; values are YAML)."
@@ -80,6 +80,10 @@ def evaluate(
     from synthgen.train.config import load_eval_config
     from synthgen.train.evaluate import evaluate as run_evaluate, write_report
 
+    refuse_folder_as_report(out, "--out")
+    if checkpoint is not None and model is not None:
+        # one would silently replace the other: --model alone evaluates a randomly initialised network
+        raise typer.BadParameter("give --checkpoint or --model, not both (--model evaluates that network without a checkpoint)")
     if recipe is None:
         if dataset is None or (checkpoint is None and model is None):
             # a usage error (exit status 2), like a missing argument

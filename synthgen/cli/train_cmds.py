@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from synthgen.cli import app
-from synthgen.cli.output import console, err_console
+from synthgen.cli.output import console, err_console, refuse_folder_as_report
 from synthgen.errors import SynthgenError
 
 
@@ -75,6 +75,7 @@ def cas(
     from synthgen.train.cas import cas_score, class_gaps_table, load_cas_protocol, results_table
     from synthgen.train.data import naming_split_setting
 
+    refuse_folder_as_report(output, "--output")
     proto, info = load_cas_protocol(protocol, list(set_ or []))
     scale_list = parse_scales(scales)
     if threads is not None:

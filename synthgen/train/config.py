@@ -329,6 +329,8 @@ class EvalConfig(_Strict):
     def _backbone(self) -> "EvalConfig":
         if self.checkpoint is None and self.model is None:
             raise ValueError("give either checkpoint (a pre-training output) or model")
+        if self.checkpoint is not None and self.model is not None:  # the checkpoint would silently win
+            raise ValueError("give either checkpoint or model, not both (set the other to null)")
         return self
 
 

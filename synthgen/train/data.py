@@ -226,6 +226,11 @@ def _load_hf_split_quiet(source: str, split: str, revision: str | None, storage_
         msg = " ".join(str(exc).split()) or type(exc).__name__
         if "corresponds to no data" in msg:  # datasets' wording for a split with no rows
             raise SynthgenError(f"{source}: a split is empty (0 rows): {msg}") from None
+        if isinstance(exc, datasets.exceptions.SplitsVerificationError) and _is_local(source):
+            raise SynthgenError(
+                f"{source}: its shards do not hold the rows its dataset card (README.md) records: a shard was "
+                f"removed, added or changed since the build; `synthgen verify {source}` names what differs"
+            ) from None
         if len(msg) > 300:
             msg = msg[:300] + "..."
         where = f"{source}" + (f" at revision {revision!r}" if revision else "")
@@ -277,16 +282,21 @@ def _decode_one(example: dict | None, base_dir: str | None, image_size: int | No
     if example is None:
         raise SynthgenError("an image cell is empty (null)")
     data = example.get("bytes")
-    if data is not None:
-        img = Image.open(io.BytesIO(data))
-    else:
-        path = example.get("path")
-        if not path:
-            raise SynthgenError("an image cell has neither bytes nor path")
-        if base_dir and not os.path.isabs(path) and not os.path.exists(path):
-            path = os.path.join(base_dir, path)
-        img = Image.open(path)
-    img = img.convert("RGB")
+    path = example.get("path")
+    if data is None and not path:
+        raise SynthgenError("an image cell has neither bytes nor path")
+    if data is None and base_dir and not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(base_dir, path)
+    try:
+        img = Image.open(io.BytesIO(data) if data is not None else path).convert("RGB")
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unreadable, truncated or corrupt data
+        # PIL's UnidentifiedImageError is an OSError: left alone, it would read as a file-system error
+        raise SynthgenError(
+            f"an image cannot be decoded ({exc}): the data is corrupt; `synthgen verify FOLDER` checks the "
+            "shards of a build folder against its manifest"
+        ) from None
     if image_size is not None and img.size != (image_size, image_size):
         # resize the shorter side to image_size, then centre-crop a square
         w, h = img.size
@@ -333,7 +343,10 @@ def _decode_images(ds, column: str, image_size: int | None, base_dir: str | None
         start = 0
         for rows in raw.iter(batch_size=batch):
             cells = rows[column]
-            arrays = list(pool.map(lambda c: _decode_one(c, base_dir, image_size), cells))
+            try:
+                arrays = list(pool.map(lambda c: _decode_one(c, base_dir, image_size), cells))
+            except SynthgenError as exc:
+                raise SynthgenError(f"{desc} rows {start}-{start + len(cells) - 1}: {exc}") from None
             for j, a in enumerate(arrays):
                 if out is None:
                     h, w = a.shape[:2]

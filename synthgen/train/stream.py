@@ -308,14 +308,22 @@ class StreamBatches:
         return min(sum(k for _, k in share) // local for e in range(epochs) for share in self._shares(e, True))
 
     def _loader(self, files: list[tuple[str, int]], batch: int, epoch: int, shuffle: bool):
-        """A DataLoader over ``files``: batches of ``batch`` rows, each worker's last one short."""
+        """The batches of a DataLoader over ``files``: ``batch`` rows, each worker's last one short."""
         from torch.utils.data import DataLoader
 
         rt = self.runtime
         workers = min(self.num_workers, len(files))
         reader = _ShardReader(files, self._columns, batch, self._decode_fn, self.seed + rt.rank, epoch, shuffle, max(batch, self.shuffle_buffer))
-        return DataLoader(reader, batch_size=None, num_workers=workers, pin_memory=rt.device.type == "cuda",
-                          prefetch_factor=4 if workers else None)
+        loader = DataLoader(reader, batch_size=None, num_workers=workers, pin_memory=rt.device.type == "cuda",
+                            prefetch_factor=4 if workers else None)
+        try:
+            yield from loader
+        except SynthgenError as exc:
+            # torch re-raises a worker's error with the worker's traceback in its message: keep the last line
+            last = str(exc).rstrip().splitlines()[-1]
+            if "Original Traceback" not in str(exc):
+                raise
+            raise type(exc)(f"{self.describe()}: {last.split(': ', 1)[-1]}") from None
 
     def _to_device(self, data) -> torch.Tensor:
         rt = self.runtime
