@@ -471,3 +471,30 @@ def test_cas_reads_the_real_splits_it_is_told(tmp_path, cifar_rows, cifar_shards
     rc, _, err = run_cli(["cas", str(syn), "--real", str(real), "--real-split", "validation", "--output", str(out),
                           *FAST], capsys)
     assert rc == 1 and "has no split 'validation'; available: train; choose the splits with" in err, err
+
+
+def test_runs_that_score_differently_never_share_a_default_result_file(tmp_path, monkeypatch):
+    """Without --output, the file name holds what was scored and how: another protocol, split,
+    scale list or seed is another file; outside the synthetic folder the synthetic set is named too
+    (two Hub datasets scored from one folder did overwrite each other)."""
+    from synthgen.cli.train_cmds import _default_output
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    base = _default_output(str(folder), "uoft-cs/cifar10", 0)
+    assert base == folder / "cas" / "cas-cifar10-cas-lomurno-seed0.json"
+    variants = [
+        _default_output(str(folder), "uoft-cs/cifar10", 0, protocol="train/cas-carved-val.yaml"),
+        _default_output(str(folder), "uoft-cs/cifar10", 0, real_test_split="validation"),
+        _default_output(str(folder), "uoft-cs/cifar10", 0, split="extra"),
+        _default_output(str(folder), "uoft-cs/cifar10", 0, scales=[1, 2, 5]),
+        _default_output(str(folder), "uoft-cs/cifar10", 1),
+    ]
+    assert len({base, *variants}) == 6
+    assert variants[0].name == "cas-cifar10-cas-carved-val-seed0.json"
+    assert variants[1].name == "cas-cifar10-cas-lomurno-scored-on-validation-seed0.json"
+    assert variants[3].name == "cas-cifar10-cas-lomurno-x1_2_5-seed0.json"
+    hub = [_default_output(repo, "uoft-cs/cifar10", 0) for repo in ("org/synthetic-a", "org/synthetic-b")]
+    assert hub == [tmp_path / "cas-synthetic-a-vs-cifar10-cas-lomurno-seed0.json",
+                   tmp_path / "cas-synthetic-b-vs-cifar10-cas-lomurno-seed0.json"]

@@ -35,13 +35,26 @@ def parse_scales(text: str | None) -> list[int] | None:
     return out
 
 
-def _default_output(synthetic: str, real: str, seed: int) -> Path:
-    name = Path(str(real).rstrip("/")).name or "real"
-    fname = f"cas-{name}-seed{seed}.json"
+def _default_output(synthetic: str, real: str, seed: int, *, protocol: str = "cas-lomurno", split: str = "train",
+                    real_test_split: str = "test", scales: list[int] | None = None) -> Path:
+    """The result file a run writes without --output. Runs that score something else never share
+    it: its name holds the real set, the protocol, any non-default split, the scales and the seed,
+    and, outside the synthetic folder, the synthetic set's name."""
+    def stem(text: str) -> str:
+        return Path(str(text).rstrip("/")).name or "data"
+
+    parts = [stem(real), Path(protocol).stem]
+    if split != "train":
+        parts.append(f"synthetic-{split}")
+    if real_test_split != "test":
+        parts.append(f"scored-on-{real_test_split}")
+    if scales:
+        parts.append("x" + "_".join(str(k) for k in scales))
+    fname = f"cas-{'-'.join(parts)}-seed{seed}.json"
     p = Path(os.path.expanduser(synthetic))
     if p.is_dir() and os.access(p, os.W_OK):
         return p / "cas" / fname
-    return Path.cwd() / fname
+    return Path.cwd() / f"cas-{stem(synthetic)}-vs-{fname.removeprefix('cas-')}"
 
 
 @app.command()
@@ -59,7 +72,7 @@ def cas(
     real_test_split: str = typer.Option("test", "--real-test-split", help="Split of the real dataset that scores every classifier (e.g. validation for ImageNet, whose test split has no labels)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch [default: torch's choice]."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result JSON [default: <synthetic folder>/cas/cas-<real>-seed<seed>.json when that folder is writable, else ./cas-<real>-seed<seed>.json]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result JSON [default: <synthetic folder>/cas/cas-<real>-<protocol>[-<splits>][-x<scales>]-seed<seed>.json when that folder is writable, else ./cas-<synthetic>-vs-<real>-... in the working folder]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the real baseline even when it is cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch lines."),
     worst_classes: int = typer.Option(10, "--worst-classes", min=0, help="List this many classes with the largest real - synthetic top-1 gap (the largest scale's run); 0: none."),
@@ -119,6 +132,7 @@ def cas(
             f"{label}: {r['n_images']} images, top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}, "
             f"{r['epochs_run']} epochs, {r['wall_s']:.1f}s", highlight=False, soft_wrap=True,
         )
-    path = write_json(output or _default_output(synthetic, real, seed), {"command": "cas", **result})
+    path = write_json(output or _default_output(synthetic, real, seed, protocol=protocol, split=split,
+                                                    real_test_split=real_test_split, scales=scale_list), {"command": "cas", **result})
     console.print(f"results: {path}", highlight=False, soft_wrap=True)
 
