@@ -8,6 +8,7 @@ subprocess given that environment. Used by the tests and by ``benchmarks/bench_c
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -25,10 +26,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_server(timeout: float = 60) -> Iterator[dict[str, str]]:
+def moto_server(timeout: float = 60, auth: bool = False) -> Iterator[dict[str, str]]:
+    """``auth``: the server checks credentials (moto's IAM), so the fake ones are refused."""
     port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else None
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

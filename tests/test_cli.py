@@ -280,6 +280,9 @@ def test_dry_run_checks_the_executor_options(tmp_path, capsys, monkeypatch):
     assert "unknown executor 'nope'" in line
     line = _one_error_line(capsys, ["build", "demo", "--dry-run", "--num-workers", "2", "--worker-index", "5"], code=1)
     assert "--worker-index must be in [0, 2)" in line
+    for alone in (["--num-workers", "2"], ["--worker-index", "1"]):  # one alone: every process the same share
+        line = _one_error_line(capsys, ["build", "demo", "--dry-run", *alone], code=1)
+        assert "--num-workers and --worker-index go together" in line
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")
     line = _one_error_line(capsys, ["build", "demo", "--dry-run"], code=1)

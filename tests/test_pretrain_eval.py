@@ -85,6 +85,7 @@ def test_wrong_recipe_kind_and_missing_dataset_path(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     assert resolve_source("data") == str((tmp_path / "data").resolve())
     assert resolve_source("org/name") == "org/name"
+    assert resolve_source("s3://bucket/in1k-sd") == "s3://bucket/in1k-sd"  # load_image_dataset reads it
 
 
 def test_cli_bad_key_is_one_error_line(capsys):

@@ -480,6 +480,22 @@ def test_a_static_worker_with_other_shares_unbuilt_exits_3_naming_them(tmp_path,
     assert rc == 0 and "complete" in capsys.readouterr().out
 
 
+def test_a_share_only_rank_under_torchrun_exits_0_so_torchrun_does_not_stop_the_others(
+        tmp_path, tiny_pipeline_path, capsys, monkeypatch):
+    """torchrun sends SIGTERM to every rank when one exits non-zero: exit 3 would kill the ranks still
+    making their shares."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(TINY))
+    for key, value in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "none"}.items():
+        monkeypatch.setenv(key, value)
+    rc = cli_main(["build", str(recipe), "--out", str(tmp_path / "ds"), "-q", "--share-only"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0 and len(err) == 1, err
+    assert err[0].startswith("note: 2 shard(s) left (train-00001-of-00003, train-00002-of-00003) to the other ranks")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # srun, a Slurm array: exit 3 says it
+    assert cli_main(["build", str(recipe), "--out", str(tmp_path / "ds"), "-q", "--share-only"]) == 3
+
+
 # --------------------------------------------------------------------------------------------------
 # smaller items
 # --------------------------------------------------------------------------------------------------

@@ -180,3 +180,33 @@ def test_an_unreachable_endpoint_says_so_not_no_bucket(monkeypatch, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: storage error at s3://some-bucket/ds"), err
     assert "EndpointConnectionError" in err[0] and "does not exist" not in err[0], err
+
+
+def test_a_secret_in_the_url_is_never_printed(s3, fs, capsys):
+    """s3fs takes no credentials from the URL: its error quotes the bucket name, secret and all."""
+    url = f"s3://AKIAUSER:not-a-real-secret-42@{BUCKET}/ds"
+    before = objects(fs, "")
+    for args in (build_args(url), ["verify", url]):
+        assert cli_main(args) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith(f"error: storage error at s3://{BUCKET}/ds"), err
+        assert "not-a-real-secret-42" not in err[0] and "***@" in err[0], err
+    assert objects(fs, "") == before
+
+
+def test_refused_credentials_say_to_check_them(monkeypatch, capsys):
+    from moto_s3 import moto_server
+
+    import s3fs
+
+    with moto_server(auth=True) as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            assert cli_main(build_args("s3://some-bucket/ds")) == 1
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "PermissionError" in err[0] and "check the credentials" in err[0], err
+    assert env["AWS_SECRET_ACCESS_KEY"] not in err[0]

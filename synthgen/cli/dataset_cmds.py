@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import List, Optional
@@ -89,7 +90,8 @@ def build(
     (generator.batch_size, generator.device, ...); any other change is refused, naming the key.
     Under torchrun, accelerate launch, srun or a Slurm array each process takes its share of the
     shards (by rank, on its own GPU), then helps with the rest; the last one writes the manifest.
-    Exit status 3: this process's share is done (--share-only, --worker-index) but other shards are not.
+    Exit status 3: this process's share is done (--share-only, --worker-index) but other shards are not
+    (0 under torchrun or accelerate launch, which would stop the other ranks on a non-zero exit).
     """
     from synthgen.dataset import build_dataset, plan_build
 
@@ -128,6 +130,12 @@ def build(
     if not result.complete:
         shown = ", ".join(result.left[:4]) + (f" and {len(result.left) - 4} more" if len(result.left) > 4 else "")
         static = num_workers is not None or worker_index is not None
+        if not static and "TORCHELASTIC_RUN_ID" in os.environ:
+            # torchrun (and accelerate launch) stop every other rank when one exits non-zero: the
+            # ranks still making their shares would be killed mid-shard; torchrun's status tells
+            err_console.print(f"note: {len(result.left)} shard(s) left ({shown}) to the other ranks, which are "
+                              "still running; the last to finish writes the manifest", markup=False, highlight=False)
+            return
         error_line(
             f"the dataset is unfinished: {len(result.left)} shard(s) left ({shown}); they belong to other "
             f"{'workers' if static else 'ranks'} (this is {who.rstrip(': ') or 'rank 0/1'}): run those again, or "

@@ -65,7 +65,7 @@ def evaluate(
     ),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="A `synthgen pretrain` output folder."),
     model: Optional[str] = typer.Option(None, "--model", help="Without a checkpoint: a model name (random init), or 'pixels'."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A labelled dataset: local folder/parquet (relative to the cwd) or Hub id."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A labelled dataset: local folder/parquet (relative to the cwd), Hub id, or fsspec URL (s3://bucket/folder)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of --dataset."),
     protocol: Optional[str] = typer.Option(None, "--protocol", "-p", help="linear, knn or finetune [default: the recipe's, else linear]."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=EVAL_SET_HELP),

@@ -428,8 +428,9 @@ class LocalStore(Store):
 class ObjectStore(Store):
     """A folder on an fsspec file system without rename or flock (S3, GCS, Azure, memory)."""
 
-    def __init__(self, fs: Any, root: str, display: str) -> None:
+    def __init__(self, fs: Any, root: str, display: str, secret: str = "") -> None:
         self.fs, self.root, self.display = fs, root.rstrip("/"), display
+        self.secret = secret  # a URL's ``user:secret`` part: never in a message
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -444,9 +445,11 @@ class ObjectStore(Store):
         except OutputFolderError:
             raise
         except Exception as exc:  # botocore, aiohttp, gcsfs... raise many kinds
-            msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+            msg = _scrub(" ".join(str(exc).split()), self.secret)[:300] or type(exc).__name__
             where = f"{self.display}/{rel}" if rel else self.display
-            raise OutputFolderError(f"storage error at {where}: {type(exc).__name__}: {msg}") from None
+            hint = ("; check the credentials this process has for it (environment variables such as "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or storage_options)") if isinstance(exc, PermissionError) else ""
+            raise OutputFolderError(f"storage error at {where}: {type(exc).__name__}: {msg}{hint}") from None
 
     def _fresh(self, path: str) -> None:
         # Other processes write here too: a listing cached by this process may be stale.
@@ -550,6 +553,17 @@ def public_url(url: str) -> str:
     return f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}"
 
 
+def _url_secret(url: str) -> str:
+    """The ``user:secret`` part of ``url`` ("" when it has none)."""
+    host = url.partition("://")[2].partition("/")[0]
+    return host.rpartition("@")[0]
+
+
+def _scrub(text: str, secret: str) -> str:
+    """``text`` (an exception's message may quote the URL) with a URL's ``user:secret`` part masked."""
+    return text.replace(secret, "***") if secret else text
+
+
 def open_store(out: "str | Path | Store", storage_options: Optional[dict[str, Any]] = None, *,
                reading: bool = False) -> Store:
     """The store of the folder ``out``: a path or ``file://`` URL gives a :class:`LocalStore`,
@@ -580,8 +594,9 @@ def open_store(out: "str | Path | Store", storage_options: Optional[dict[str, An
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except Exception as exc:  # bad storage options
-        raise OutputFolderError(f"cannot open {shown}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-    store = ObjectStore(fs, root, shown.rstrip("/"))
+        msg = _scrub(" ".join(str(exc).split()), _url_secret(url))[:200]
+        raise OutputFolderError(f"cannot open {shown}: {type(exc).__name__}: {msg}") from None
+    store = ObjectStore(fs, root, shown.rstrip("/"), _url_secret(url))
     bucket = root.split("/", 1)[0]
     if bucket and not root.startswith("/"):  # bucket-based stores (s3, gs, az...), not memory://
         try:

@@ -14,7 +14,8 @@ Unknown keys, wrong types and impossible values are rejected with one line namin
 Dataset ``source`` is a local path or a Hub id. A relative path is resolved against the **current
 working directory** (recipes under ``train/`` are written to be run from the repository root, e.g.
 ``../shared/datasets/cifar10``); anything that exists locally, or starts with ``.``, ``/`` or ``~``,
-is a path, anything else of the form ``org/name`` is a Hub id read at ``revision``.
+is a path, anything else of the form ``org/name`` is a Hub id read at ``revision``. An fsspec URL
+(``s3://bucket/folder`` of a ``synthgen build``) is read with the environment's credentials.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class DatasetSpec(_Strict):
     ``stream: true`` reads the parquet shards batch by batch with DataLoader workers instead of
     decoding the split into memory (data larger than memory; rotation and SimCLR only)."""
 
-    source: Optional[str] = None  # a local folder/parquet file (relative to the cwd) or a Hub id
+    source: Optional[str] = None  # a local folder/parquet file (relative to the cwd), a Hub id or an s3:// URL
     revision: Optional[str] = None  # Hub revision (tag, branch or commit)
     split: str = "train"
     image_column: Optional[str] = None  # detected (first Image feature) when null
@@ -389,7 +390,10 @@ def load_eval_config(recipe: str | Path | dict[str, Any], overrides: list[str] |
 
 
 def resolve_source(source: str, what: str = "dataset") -> str:
-    """A local path (relative to the cwd) made absolute, or a Hub id returned unchanged."""
+    """A local path (relative to the cwd) made absolute, or a Hub id or an fsspec URL (``s3://...``,
+    read with the environment's credentials) returned unchanged."""
+    if "://" in source and not source.startswith("file://"):
+        return source
     expanded = os.path.expanduser(source)
     if os.path.exists(expanded):
         return str(Path(expanded).resolve())

@@ -52,7 +52,11 @@ def resolve_executor(
         if executor in ("local", "ranks"):
             raise SynthgenError(f"--num-workers/--worker-index choose this process's share themselves: "
                                 f"drop --executor {executor} (or drop them)")
-        world, rank = (1 if num_workers is None else num_workers), (worker_index or 0)
+        if num_workers is None or worker_index is None:
+            # one alone would make every process that got it the same share (0 of N, or K of 1)
+            raise SynthgenError("--num-workers and --worker-index go together: give each process "
+                                "--num-workers N and its own --worker-index 0..N-1")
+        world, rank = num_workers, worker_index
         if world < 1:
             raise SynthgenError(f"--num-workers must be at least 1, got {world}")
         if not 0 <= rank < world:
