@@ -132,7 +132,7 @@ def build(
         static = num_workers is not None or worker_index is not None
         if not static and "TORCHELASTIC_RUN_ID" in os.environ:
             # torchrun (and accelerate launch) stop every other rank when one exits non-zero: the
-            # ranks still making their shares would be killed mid-shard; torchrun's status tells
+            # ranks still making their shares would be killed mid-shard; exit 0 and let them finish
             err_console.print(f"note: {len(result.left)} shard(s) left ({shown}) to the other ranks, which are "
                               "still running; the last to finish writes the manifest", markup=False, highlight=False)
             return
