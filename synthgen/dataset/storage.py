@@ -591,12 +591,13 @@ def open_store(out: "str | Path | Store", storage_options: Optional[dict[str, An
         raise OutputFolderError(
             f"cannot use {shown}: unknown storage protocol {protocol!r} (a local path, or an fsspec URL such as s3://bucket/folder)"
         ) from None
+    secret = _url_secret(url)
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except Exception as exc:  # bad storage options
-        msg = _scrub(" ".join(str(exc).split()), _url_secret(url))[:200]
+        msg = _scrub(" ".join(str(exc).split()), secret)[:200]
         raise OutputFolderError(f"cannot open {shown}: {type(exc).__name__}: {msg}") from None
-    store = ObjectStore(fs, root, shown.rstrip("/"), _url_secret(url))
+    store = ObjectStore(fs, root, shown.rstrip("/"), secret)
     bucket = root.split("/", 1)[0]
     if bucket and not root.startswith("/"):  # bucket-based stores (s3, gs, az...), not memory://
         try:

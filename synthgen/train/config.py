@@ -392,7 +392,9 @@ def load_eval_config(recipe: str | Path | dict[str, Any], overrides: list[str] |
 def resolve_source(source: str, what: str = "dataset") -> str:
     """A local path (relative to the cwd) made absolute, or a Hub id or an fsspec URL (``s3://...``,
     read with the environment's credentials) returned unchanged."""
-    if "://" in source and not source.startswith("file://"):
+    from synthgen.dataset.storage import is_url
+
+    if is_url(source):  # load_image_dataset reads fsspec URLs (file:// included) as they are
         return source
     expanded = os.path.expanduser(source)
     if os.path.exists(expanded):
